@@ -1,0 +1,28 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""Curvature blocks, one file each, registered here by kind.
+
+A block is an object with:
+
+- `roles`: the names of the parameters it owns, in order (`("kernel", "bias")`);
+  the first is required, the others optional.
+- `needs`: `"activations"` (layer inputs and output derivatives) or
+  `"per_example_gradients"` (squared per-example parameter gradients).
+- `statistics(layer, captures) -> dict`: this batch's factors.
+- `inverse(layer, factors, damping) -> dict`: what `precondition` needs.
+- `precondition(layer, inverse, grads) -> tuple`: the preconditioned gradients
+  of the layer's parameters, in `layer.params` order.
+- `describe(layer) -> str`: the factor shapes for the layer table.
+"""
+
+from jkfac.blocks import dense, diagonal
+from jkfac.blocks.base import Block, Captures
+
+REGISTRY: dict[str, Block] = {
+    "dense": dense.BLOCK,
+    "diagonal": diagonal.BLOCK,
+}
+
+
+def get(kind: str) -> Block:
+  """Returns the block registered for `kind`."""
+  return REGISTRY[kind]

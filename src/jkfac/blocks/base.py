@@ -1,0 +1,52 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""The interface every curvature block implements."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Captures:
+  """What the estimator hands a block for one batch.
+
+  Attributes:
+    uses: the layer's uses (`tracing.Use`), one per place it is applied.
+    inputs: per use, the layer input `x`.
+    output_grads: per use, the output derivatives, shape `(K, *out_shape)`:
+      K backward passes (sampled targets, or the columns of the loss's Fisher
+      square root in mode "exact"), already scaled so that the output-side
+      factor is `sum_k sum_rows g g^T`.
+    squared_grads: per parameter, the sum over examples of squared
+      per-example gradients (already scaled the same way), or None.
+    dtype: the factor dtype.
+  """
+  uses: Sequence[Any]
+  inputs: Sequence[Array] = ()
+  output_grads: Sequence[Array] = ()
+  squared_grads: Optional[Sequence[Array]] = None
+  dtype: Any = jnp.float32
+
+
+class Block(Protocol):
+  roles: tuple[str, ...]
+  needs: str
+
+  def statistics(self, layer: Any, captures: Captures) -> dict[str, Array]:
+    ...
+
+  def inverse(self, layer: Any, factors: dict[str, Array], damping: Array) -> dict[str, Array]:
+    ...
+
+  def precondition(self, layer: Any, inverse: dict[str, Array],
+                   grads: Sequence[Array]) -> tuple[Array, ...]:
+    ...
+
+  def describe(self, layer: Any) -> str:
+    ...

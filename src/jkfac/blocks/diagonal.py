@@ -1,0 +1,50 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""The diagonal fallback block, for parameters no Kronecker block owns.
+
+The Fisher's diagonal, `mean_n E[(∂ -log p(y_n|x_n) / ∂θ)^2]`, estimated from
+per-example gradients (never from the squared batch gradient, which is
+biased towards zero by a factor of the batch size): the estimator
+differentiates each example on its own, with the same sampled targets (or
+Fisher square-root columns) as the Kronecker blocks. The update is
+`∇θ / (diag + λ)`.
+
+Per-example gradients cost one extra forward and backward pass over the
+batch, restricted to the fallback parameters, and need a model whose
+examples are independent (no batch normalisation across them).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+
+from jkfac.blocks.base import Captures
+
+Array = jax.Array
+
+
+class DiagonalBlock:
+  """Diagonal Fisher block of one parameter."""
+
+  roles = ("param",)
+  needs = "per_example_gradients"
+
+  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+    """Returns `{"diag": sum over examples of squared per-example gradients}`."""
+    return {"diag": captures.squared_grads[0].astype(captures.dtype)}
+
+  def inverse(self, layer, factors: dict[str, Array], damping: Array) -> dict[str, Array]:
+    """Returns `1 / (diag + λ)`."""
+    return {"diag_inv": 1.0 / (jax.numpy.maximum(factors["diag"], 0.0) + damping)}
+
+  def precondition(self, layer, inverse: dict[str, Array],
+                   grads: Sequence[Array]) -> tuple[Array, ...]:
+    """Returns `∇θ / (diag + λ)`."""
+    return ((grads[0] * inverse["diag_inv"]).astype(grads[0].dtype),)
+
+  def describe(self, layer) -> str:
+    return "diag " + "x".join(map(str, layer.params[0].shape)) if layer.params[0].shape else "diag 1"
+
+
+BLOCK = DiagonalBlock()

@@ -1,0 +1,361 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""The one-pass estimator: loss, gradient and curvature statistics of a batch.
+
+`estimator(loss_fn, params, *args)` traces the loss once (`tracing.trace`) and
+returns `est`, a pure function. `est(params, *args, rng=key)` evaluates the
+traced loss once, with a zero perturbation added to every layer output, and
+keeps the VJP of that single forward pass. Two backward passes share it:
+
+- the loss gradient (cotangent 1 on the loss), which gives `grads`;
+- the curvature pass: cotangents on the registered losses' predictions equal
+  to `sqrt(weight / examples)` times the gradient of the negative
+  log-likelihood of sampled targets (mode `"fisher"`), of the data's targets
+  (`"empirical"`), or the columns of the predictive distribution's Fisher
+  square root (`"exact"`). Its gradient with respect to the perturbations is
+  the per-example output derivative `g` of every layer; nothing else is
+  needed from it, so under `jit` no weight gradient is computed for it.
+
+Each curvature block turns the captured inputs and the `g`s into this batch's
+factors (`stats`), which `scale_by_kfac` averages over time and inverts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jkfac import blocks, interpret, losses, tracing
+
+Array = jax.Array
+MODES = ("fisher", "empirical", "exact")
+_ids = itertools.count()
+
+
+@jax.tree_util.register_pytree_node_class
+class Statistics:
+  """One batch's curvature statistics, as returned by `est`.
+
+  Attributes:
+    factors: layer name -> that layer's factors for this batch.
+    estimator_id: which estimator made them (static, checked by the transform).
+    extras: anything else a transform needs, keyed by name.
+  """
+
+  def __init__(self, factors: dict[str, dict[str, Array]], estimator_id: int,
+               extras: Optional[dict[str, Any]] = None):
+    self.factors = factors
+    self.estimator_id = estimator_id
+    self.extras = {} if extras is None else extras
+
+  def tree_flatten(self):
+    return (self.factors, self.extras), self.estimator_id
+
+  @classmethod
+  def tree_unflatten(cls, estimator_id, children):
+    return cls(children[0], estimator_id, children[1])
+
+  def __repr__(self) -> str:
+    shapes = jax.tree_util.tree_map(lambda x: tuple(x.shape), self.factors)
+    return f"Statistics(estimator={self.estimator_id}, factors={shapes})"
+
+
+class Estimator:
+  """Computes `(loss, grads, stats)` of a batch in one forward pass.
+
+  Made by `jkfac.estimator`; see there. Attributes: `layers` (the layer table,
+  graph order, fallbacks last), `losses`, `mode`, `id`.
+  """
+
+  def __init__(self, loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
+               mode: str, has_aux: bool, stats_fraction: float, fisher_samples: int):
+    if mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if not 0.0 < stats_fraction <= 1.0:
+      raise ValueError(f"stats_fraction must be in (0, 1], got {stats_fraction}.")
+    if fisher_samples < 1:
+      raise ValueError(f"fisher_samples must be at least 1, got {fisher_samples}.")
+    self.loss_fn = loss_fn
+    self.mode = mode
+    self.has_aux = has_aux
+    self.stats_fraction = stats_fraction
+    self.fisher_samples = fisher_samples
+    self.id = next(_ids)
+    leaves, self.params_tree = jax.tree_util.tree_flatten(params)
+    self._param_shapes = [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves]
+    inexact = [d for _, d in self._param_shapes if jnp.issubdtype(d, jnp.inexact)]
+    self.factor_dtype = jnp.result_type(jnp.float32, *inexact)
+    self._programs: dict[Any, tracing.Program] = {}
+    program = tracing.trace(loss_fn, params, args, has_aux)
+    flat_args, args_tree = jax.tree_util.tree_flatten(tuple(args))
+    self._programs[_signature(leaves, flat_args, args_tree)] = program
+    self.layers = program.layers
+    self.uses = program.uses
+    self.losses = program.losses
+
+  # --- the pure function -------------------------------------------------
+
+  def __call__(self, params: Any, *args: Any, rng: Optional[Array] = None):
+    """Returns `(loss, grads, stats)` (`((loss, aux), grads, stats)` with has_aux).
+
+    Args:
+      params: the parameters, with the structure given at set-up.
+      *args: the other arguments of the loss function (the batch).
+      rng: a PRNG key; required in mode `"fisher"` (targets are sampled).
+
+    Returns:
+      The loss (and aux), its gradient with the structure of `params`, and
+      this batch's `Statistics`.
+    """
+    flat_params = self.check_params(params, "est(params, ...)")
+    if self.mode == "fisher" and rng is None:
+      raise ValueError("mode='fisher' samples targets from the model: call "
+                       "est(params, *args, rng=key) with a jax.random key.")
+    flat_args, args_tree = jax.tree_util.tree_flatten(tuple(args))
+    program = self._program(flat_params, flat_args, args_tree)
+    (loss, aux), grads, inputs, preds, targets, backward = self._forward(
+        program, flat_params, flat_args, with_grads=True)
+    stats_program, stats_args = program, flat_args
+    if self.stats_fraction < 1.0:
+      stats_args = self._subset(program, flat_args)
+      stats_program = self._program(flat_params, stats_args, args_tree)
+      _, _, inputs, preds, targets, backward = self._forward(
+          stats_program, flat_params, stats_args, with_grads=False)
+    cotangents = self._cotangents(stats_program, preds, targets, rng)
+    output_grads = backward(cotangents)
+    squared = self._squared_grads(stats_program, flat_params, stats_args, args_tree,
+                                  cotangents)
+    factors = {}
+    for layer, uses in zip(self.layers, stats_program.uses):
+      block = blocks.get(layer.kind)
+      captures = blocks.Captures(
+          uses=uses,
+          inputs=[inputs[u.id] for u in uses],
+          output_grads=[output_grads[u.id] for u in uses],
+          squared_grads=[squared.get(p.index) for p in layer.params],
+          dtype=self.factor_dtype)
+      factors[layer.name] = block.statistics(layer, captures)
+    grads = jax.tree_util.tree_unflatten(self.params_tree, grads)
+    value = (loss, aux) if self.has_aux else loss
+    return value, grads, Statistics(factors, self.id)
+
+  def _forward(self, program: tracing.Program, flat_params: list[Array],
+               flat_args: list[Array], with_grads: bool):
+    """One forward pass; returns its outputs, captures and backward functions."""
+    perturbations = {u.id: jnp.zeros(u.out_shape, self.factor_dtype)
+                     for uses in program.uses for u in uses}
+
+    def forward(p, perts):
+      result = interpret.run(program.plan, list(p) + list(flat_args), perts)
+      out = jax.tree_util.tree_unflatten(program.out_tree, result.outputs)
+      loss, aux = out if self.has_aux else (out, None)
+      preds = [result.predictions[l.id][0] for l in program.losses]
+      targets = [result.predictions[l.id][1] for l in program.losses]
+      return (loss, preds), (aux, result.inputs, targets)
+
+    if with_grads:
+      (loss, preds), vjp_fn, (aux, inputs, targets) = jax.vjp(
+          forward, flat_params, perturbations, has_aux=True)
+      zero_preds = [jnp.zeros_like(p) for p in preds]
+      grads = vjp_fn((jnp.ones_like(loss), zero_preds))[0]
+      pullback = lambda cots: vjp_fn((jnp.zeros_like(loss), cots))[1]
+    else:
+      (loss, preds), vjp_fn, (aux, inputs, targets) = jax.vjp(
+          lambda perts: forward(flat_params, perts), perturbations, has_aux=True)
+      grads = None
+      pullback = lambda cots: vjp_fn((jnp.zeros_like(loss), cots))[0]
+
+    def backward(cotangents: list[Array]) -> dict[int, Array]:
+      if cotangents[0].shape[0] == 1:
+        return jax.tree_util.tree_map(lambda g: g[None], pullback([c[0] for c in cotangents]))
+      return jax.vmap(pullback)(cotangents)
+
+    return (loss, aux), grads, inputs, preds, targets, backward
+
+  def _cotangents(self, program: tracing.Program, preds: list[Array],
+                  targets: list[Array], rng: Optional[Array]) -> list[Array]:
+    """Per loss, the curvature pass's cotangents, shape `(K, *prediction)`."""
+    cots = []
+    for index, (loss, pred, target) in enumerate(zip(program.losses, preds, targets)):
+      dist = losses.DISTRIBUTIONS[loss.distribution]
+      pred = jax.lax.stop_gradient(pred)
+      scale = math.sqrt(loss.weight / loss.num_examples)
+      if self.mode == "empirical":
+        cot = dist.nll_grad(pred, target)[None]
+      elif self.mode == "exact":
+        cot = dist.fisher_sqrt(pred)
+      else:
+        keys = jax.random.split(jax.random.fold_in(rng, index), self.fisher_samples)
+        cot = jax.vmap(lambda k: dist.nll_grad(pred, dist.sample(k, pred)))(keys)
+        scale /= math.sqrt(self.fisher_samples)
+      cots.append((scale * cot).astype(self.factor_dtype))
+    if self.mode == "exact" and len(cots) > 1:  # one backward pass per column, per loss
+      total = sum(c.shape[0] for c in cots)
+      offsets = itertools.accumulate([0] + [c.shape[0] for c in cots])
+      cots = [jnp.zeros((total,) + c.shape[1:], c.dtype).at[o:o + c.shape[0]].set(c)
+              for c, o in zip(cots, offsets)]
+    return cots
+
+  def _squared_grads(self, program: tracing.Program, flat_params: list[Array],
+                     flat_args: list[Array], args_tree: Any,
+                     cotangents: list[Array]) -> dict[int, Array]:
+    """Sums of squared per-example gradients of the fallback parameters."""
+    indices = [p.index for layer in self.layers
+               if blocks.get(layer.kind).needs == "per_example_gradients"
+               for p in layer.params]
+    if not indices:
+      return {}
+    n = _batch_size(program, "the diagonal fallback block")
+    batched = [jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n for a in flat_args]
+    unit_args = [a[:1] if b else a for a, b in zip(flat_args, batched)]
+    unit = self._program(flat_params, unit_args, args_tree)
+
+    def one_example(example_args, example_cots):
+      def predictions(fallback):
+        full = list(flat_params)
+        for i, value in zip(indices, fallback):
+          full[i] = value
+        result = interpret.run(unit.plan, full + list(example_args), {})
+        return [result.predictions[l.id][0] for l in unit.losses]
+
+      _, vjp_fn = jax.vjp(predictions, [flat_params[i] for i in indices])
+      per_pass = jax.vmap(lambda c: vjp_fn(c)[0])(example_cots)
+      return [jnp.sum(jnp.square(g.astype(self.factor_dtype)), axis=0) for g in per_pass]
+
+    split_args = [a[:, None] if b else a for a, b in zip(flat_args, batched)]
+    split_cots = [jnp.moveaxis(c, 1, 0)[:, :, None] for c in cotangents]
+    per_example = jax.vmap(one_example, in_axes=([0 if b else None for b in batched], 0))(
+        split_args, split_cots)
+    return {i: jnp.sum(s, axis=0) for i, s in zip(indices, per_example)}
+
+  # --- helpers --------------------------------------------------------------
+
+  def check_params(self, params: Any, where: str) -> list[Array]:
+    """Flattens `params`, checking them against the set-up structure.
+
+    Args:
+      params: a pytree that should match the estimator's parameters.
+      where: the caller, for the error message.
+
+    Returns:
+      The flat leaves.
+
+    Raises:
+      ValueError: the structure or a leaf's shape differs.
+    """
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    if tree != self.params_tree:
+      raise ValueError(
+          f"{where}: the pytree does not match the parameters the estimator was "
+          f"built with.\n  expected: {self.params_tree}\n  got:      {tree}\n"
+          "Pass the same parameter structure as to jkfac.estimator, or build a new "
+          "estimator for the new model.")
+    for leaf, (shape, _), layer_path in zip(leaves, self._param_shapes, self._paths()):
+      if tuple(jnp.shape(leaf)) != shape:
+        raise ValueError(f"{where}: parameter {layer_path!r} has shape "
+                         f"{tuple(jnp.shape(leaf))}, the estimator expects {shape}.")
+    return leaves
+
+  def _paths(self) -> list[str]:
+    paths = {p.index: p.path for layer in self.layers for p in layer.params}
+    return [paths.get(i, f"leaf {i}") for i in range(len(self._param_shapes))]
+
+  def _program(self, flat_params: list[Array], flat_args: list[Any],
+               args_tree: Any) -> tracing.Program:
+    """The traced program for these argument shapes (traced on first use)."""
+    key = _signature(flat_params, flat_args, args_tree)
+    if key not in self._programs:
+      params = jax.tree_util.tree_unflatten(self.params_tree, [_shape(x) for x in flat_params])
+      args = jax.tree_util.tree_unflatten(args_tree, [_shape(x) for x in flat_args])
+      self._programs[key] = tracing.trace(self.loss_fn, params, args, self.has_aux,
+                                          reference=self.layers)
+    return self._programs[key]
+
+  def _subset(self, program: tracing.Program, flat_args: list[Array]) -> list[Array]:
+    """The first `stats_fraction` of the batch, for the curvature statistics."""
+    n = _batch_size(program, "stats_fraction")
+    m = max(1, int(round(n * self.stats_fraction)))
+    return [a[:m] if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n else a for a in flat_args]
+
+  def table(self) -> str:
+    """The layer table: what every parameter is, and its factor shapes."""
+    rows = [("#", "layer", "kind", "parameters", "factors", "how")]
+    for i, layer in enumerate(self.layers):
+      params = ", ".join(f"{p.role or 'param'} {p.shape}" for p in layer.params)
+      rows.append((str(i), layer.name, layer.kind, params,
+                   blocks.get(layer.kind).describe(layer), layer.note))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = [f"jkfac estimator (mode={self.mode!r}): {len(self.layers)} layers, "
+             f"{len(self.losses)} loss(es)"]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
+              for r in rows]
+    for loss in self.losses:
+      lines.append(f"  loss: {loss.distribution}, prediction {loss.prediction_shape}, "
+                   f"weight {loss.weight:g}")
+    fallback = [l for l in self.layers if l.kind == "diagonal"]
+    if fallback:
+      lines.append("  parameters left to the diagonal fallback block:")
+      lines += [f"    {l.name} {l.params[0].shape}: {l.note}" for l in fallback]
+    else:
+      lines.append("  no parameter is left to a fallback block.")
+    return "\n".join(lines)
+
+  def __str__(self) -> str:
+    return self.table()
+
+  def __repr__(self) -> str:
+    return self.table()
+
+
+def _shape(x: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+
+def _signature(flat_params: Sequence[Any], flat_args: Sequence[Any], args_tree: Any) -> Any:
+  avals = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x)))
+                for x in list(flat_params) + list(flat_args))
+  return avals, args_tree
+
+
+def _batch_size(program: tracing.Program, what: str) -> int:
+  sizes = {loss.prediction_shape[0] for loss in program.losses}
+  if len(sizes) != 1:
+    raise ValueError(f"{what} needs one batch size, but the losses' predictions have "
+                     f"leading dimensions {sorted(sizes)}.")
+  return sizes.pop()
+
+
+def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = "fisher",
+              has_aux: bool = False, stats_fraction: float = 1.0,
+              fisher_samples: int = 1) -> Estimator:
+  """Traces `loss_fn` once and returns the one-pass estimator `est`.
+
+  The loss function computes its value with a jkfac loss
+  (`softmax_cross_entropy`, `sigmoid_cross_entropy`, `squared_error`) or
+  registers its predictive distribution; dense layers are found
+  automatically and other layers can be tagged (`register_dense`, ...).
+
+  Args:
+    loss_fn: `loss_fn(params, *args) -> loss` (or `(loss, aux)`), the batch mean.
+    params: example parameters (arrays or `jax.ShapeDtypeStruct`s).
+    *args: example arguments (the batch), with the shapes `est` will see; other
+      shapes are traced again on first use and must give the same layers.
+    mode: `"fisher"` (targets sampled from the model's predictive
+      distribution: the true Fisher, K-FAC section 5), `"empirical"` (the
+      data's targets), or `"exact"` (the exact expectation, one backward pass
+      per output dimension: affordable for modest output sizes).
+    has_aux: whether `loss_fn` returns `(loss, aux)`.
+    stats_fraction: the fraction of the batch (its first examples) whose
+      statistics are computed, at the cost of one more forward pass over that
+      fraction (the paper uses 1/8). Arguments whose leading axis is the batch
+      size are sliced.
+    fisher_samples: targets sampled per example in mode `"fisher"`.
+
+  Returns:
+    The estimator: call it as `est(params, *args, rng=key)`; `print(est)`
+    shows the layer table.
+  """
+  return Estimator(loss_fn, params, args, mode, has_aux, stats_fraction, fisher_samples)

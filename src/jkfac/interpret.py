@@ -1,0 +1,138 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""Evaluates a traced loss with perturbed layer outputs and captured inputs.
+
+`tracing` turns the user's jaxpr into a `Plan`: which variables are layer
+outputs (they get a zero-valued perturbation added, whose gradient is the
+per-example output derivative `g`), which are layer inputs (captured as `a`),
+and which are the predictions and targets of registered losses. `run`
+evaluates the plan with public JAX only: each equation is re-bound with
+`primitive.bind`, and `jit`, `remat` and custom-derivative calls that contain
+layers are evaluated inline (a `remat` stays a `jax.checkpoint`, so the
+memory saving is kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+from jax.extend.core import Jaxpr, Literal, Var
+
+Array = jax.Array
+
+INLINE = "inline"
+CHECKPOINT = "checkpoint"
+
+
+@dataclasses.dataclass
+class Plan:
+  """What to do while evaluating one jaxpr.
+
+  Attributes:
+    jaxpr: the (open) jaxpr.
+    consts: values of its constant variables.
+    perturb: layer-output variable -> use id; the use's perturbation is added.
+    capture: use id -> layer-input variable, returned after evaluation.
+    losses: (loss id, prediction variable, target variable) triples.
+    nested: equation index -> (how to evaluate, plan of its inner jaxpr), for
+      higher-order equations that contain layers or losses.
+  """
+  jaxpr: Jaxpr
+  consts: list[Any]
+  perturb: dict[Var, int] = dataclasses.field(default_factory=dict)
+  capture: dict[int, Var] = dataclasses.field(default_factory=dict)
+  losses: list[tuple[int, Var, Var]] = dataclasses.field(default_factory=list)
+  nested: dict[int, tuple[str, "Plan"]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def active(self) -> bool:
+    return bool(self.perturb or self.capture or self.losses or self.nested)
+
+
+@dataclasses.dataclass
+class Result:
+  """What `run` returns: outputs, captured layer inputs, loss predictions."""
+  outputs: list[Array]
+  inputs: dict[int, Array]
+  predictions: dict[int, tuple[Array, Array]]
+
+
+def run(plan: Plan, args: list[Any], perturbations: Mapping[int, Array]) -> Result:
+  """Evaluates `plan.jaxpr` on `args`.
+
+  Args:
+    plan: the plan, from `tracing`.
+    args: flat input values, one per jaxpr input variable.
+    perturbations: use id -> array added to that use's output; a use with no
+      entry is not perturbed.
+
+  Returns:
+    The outputs, the captured inputs of every layer use in the plan (nested
+    plans included) and the (prediction, target) pair of every loss.
+  """
+  env: dict[Var, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, Literal) else env[v]
+
+  for v, val in zip(plan.jaxpr.constvars, plan.consts):
+    env[v] = val
+  for v, val in zip(plan.jaxpr.invars, args):
+    env[v] = val
+  inputs: dict[int, Array] = {}
+  predictions: dict[int, tuple[Array, Array]] = {}
+  for index, eqn in enumerate(plan.jaxpr.eqns):
+    invals = [read(v) for v in eqn.invars]
+    if index in plan.nested:
+      how, inner = plan.nested[index]
+      inner_result = _run_nested(how, eqn, inner, invals, perturbations)
+      outvals = inner_result.outputs
+      inputs.update(inner_result.inputs)
+      predictions.update(inner_result.predictions)
+    else:
+      subfuns, params = _bind_params(eqn)
+      with eqn.ctx.manager:
+        outvals = eqn.primitive.bind(*subfuns, *invals, **params)
+      if not eqn.primitive.multiple_results:
+        outvals = [outvals]
+    for v, val in zip(eqn.outvars, outvals):
+      use = plan.perturb.get(v)
+      if use is not None and use in perturbations:
+        val = val + perturbations[use].astype(val.dtype)
+      env[v] = val
+  inputs.update({use: read(v) for use, v in plan.capture.items()})
+  predictions.update({k: (read(p), read(t)) for k, p, t in plan.losses})
+  return Result([read(v) for v in plan.jaxpr.outvars], inputs, predictions)
+
+
+def _run_nested(how: str, eqn, inner: Plan, invals: list[Any],
+                perturbations: Mapping[int, Array]) -> Result:
+  if how == INLINE:
+    return run(inner, invals, perturbations)
+  if how == CHECKPOINT:
+    def body(args, perts):
+      result = run(inner, args, perts)
+      return result.outputs, result.inputs, result.predictions
+    checkpointed = jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
+                                  policy=eqn.params.get("policy"))
+    own = {u: p for u, p in perturbations.items() if u in used_ids(inner)}
+    return Result(*checkpointed(invals, own))
+  raise ValueError(f"Unknown nested evaluation {how!r}.")
+
+
+def _bind_params(eqn) -> tuple[list[Any], dict[str, Any]]:
+  """`primitive.get_bind_params`, which returns (subfuns, params) up to JAX
+  0.9 and params alone after."""
+  bound = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(bound, tuple):
+    return list(bound[0]), bound[1]
+  return [], bound
+
+
+def used_ids(plan: Plan) -> set[int]:
+  """Returns every use id perturbed in `plan` or its nested plans."""
+  ids = set(plan.perturb.values())
+  for _, inner in plan.nested.values():
+    ids |= used_ids(inner)
+  return ids

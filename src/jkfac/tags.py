@@ -1,0 +1,165 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""Curvature tags: primitives that mark layers and losses in the traced graph.
+
+A tag is the identity on its first operand. Its other operands (a layer's
+input and parameters, a loss's targets) ride along so that `jax.make_jaxpr`
+of the user's loss shows them next to the tagged value. Tags survive `jit`,
+`vmap`, `grad`, `remat` and `scan`: their derivative is the identity on the
+first operand and zero on the others, their batching rule moves every batch
+axis to the front, and they lower to nothing.
+
+Dense and convolution layers do not need tags: `jkfac.estimator` finds them in
+the graph. Tags are for layers it cannot recognise and for users who compute
+a loss value themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+Array = jax.Array
+
+LAYER_TAG_NAME = "jkfac_layer_tag"
+LOSS_TAG_NAME = "jkfac_loss_tag"
+
+
+def _make_tag_primitive(name: str) -> Primitive:
+  """Returns an identity-on-first-operand primitive with all JAX rules."""
+  prim = Primitive(name)
+
+  def impl(tagged, *unused_operands, **unused_params):
+    return tagged
+
+  def abstract_eval(tagged, *unused_operands, **unused_params):
+    return tagged
+
+  def jvp(primals, tangents, **params):
+    out = prim.bind(*primals, **params)
+    return out, ad.instantiate_zeros(tangents[0])
+
+  def batch(args, dims, **params):
+    # An unbatched operand has dimension None (`batching.not_mapped`).
+    args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+    out_dim = None if dims[0] is None else 0
+    return prim.bind(*args, **params), out_dim
+
+  prim.def_impl(impl)
+  prim.def_abstract_eval(abstract_eval)
+  ad.primitive_jvps[prim] = jvp
+  batching.primitive_batchers[prim] = batch
+  mlir.register_lowering(
+      prim, mlir.lower_fun(lambda tagged, *_, **__: tagged,
+                           multiple_results=False))
+  return prim
+
+
+layer_tag_p = _make_tag_primitive(LAYER_TAG_NAME)
+loss_tag_p = _make_tag_primitive(LOSS_TAG_NAME)
+
+
+def _layer_tag(kind: str, y: Array, x: Array, params: tuple[Optional[Array], ...],
+               **meta: Any) -> Array:
+  present = tuple(p is not None for p in params)
+  operands = [p for p in params if p is not None]
+  return layer_tag_p.bind(y, x, *operands, kind=kind, present=present,
+                          meta=tuple(sorted(meta.items())))
+
+
+def register_dense(y: Array, x: Array, w: Array, b: Optional[Array] = None) -> Array:
+  """Tags `y` as the output of a dense layer `y = x @ w + b`.
+
+  Dense layers written with `@`, `jnp.dot`, `jnp.einsum` or `lax.dot_general`
+  are found automatically; tag only layers computed some other way.
+
+  Args:
+    y: the layer's output, shape `(..., out)`.
+    x: the layer's input, shape `(..., in)`, the same leading dimensions.
+    w: the weight, shape `(in, out)`; a parameter leaf of the loss function.
+    b: optional bias, shape `(out,)`; a parameter leaf.
+
+  Returns:
+    `y`, unchanged.
+  """
+  _check_dense(y, x, w, b)
+  return _layer_tag("dense", y, x, (w, b))
+
+
+def _check_dense(y, x, w, b) -> None:
+  if w.ndim != 2:
+    raise ValueError(f"register_dense: w must be 2-D (in, out), got shape {w.shape}.")
+  if x.shape[-1:] != w.shape[:1] or y.shape != x.shape[:-1] + w.shape[1:]:
+    raise ValueError(
+        f"register_dense: shapes do not match y = x @ w + b: x {x.shape}, w "
+        f"{w.shape}, y {y.shape}. x must be (..., in), w (in, out), y (..., out).")
+  if b is not None and b.shape != w.shape[1:]:
+    raise ValueError(f"register_dense: b must have shape {w.shape[1:]}, got {b.shape}.")
+
+
+def register_conv(y: Array, x: Array, w: Array, b: Optional[Array] = None,
+                  **conv_args: Any) -> Array:
+  """Tags `y` as `lax.conv_general_dilated(x, w, **conv_args) + b`.
+
+  Args:
+    y: the convolution's output.
+    x: its input.
+    w: the kernel, a parameter leaf.
+    b: optional bias over output channels, a parameter leaf.
+    **conv_args: the keyword arguments of `lax.conv_general_dilated`
+      (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count).
+
+  Returns:
+    `y`, unchanged.
+  """
+  hashable = {k: _freeze(v) for k, v in conv_args.items()}
+  return _layer_tag("conv", y, x, (w, b), **hashable)
+
+
+def register_scale_and_shift(y: Array, x: Array, scale: Optional[Array] = None,
+                             shift: Optional[Array] = None) -> Array:
+  """Tags `y` as `x * scale + shift` (scale and shift broadcast over `x`).
+
+  Args:
+    y: the output.
+    x: the input.
+    scale: optional scale, a parameter leaf.
+    shift: optional shift, a parameter leaf.
+
+  Returns:
+    `y`, unchanged.
+  """
+  if scale is None and shift is None:
+    raise ValueError("register_scale_and_shift needs a scale, a shift or both.")
+  return _layer_tag("scale_and_shift", y, x, (scale, shift))
+
+
+def _freeze(value: Any) -> Any:
+  """Makes a conv argument hashable (lists to tuples, recursively)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_freeze(v) for v in value)
+  if hasattr(value, "lhs_spec"):  # ConvDimensionNumbers is already hashable.
+    return value
+  return value
+
+
+def loss_tag(prediction: Array, target: Array, *, distribution: str,
+             weight: float = 1.0) -> Array:
+  """Registers `prediction` as the parameters of a predictive distribution.
+
+  Args:
+    prediction: logits (categorical, Bernoulli) or mean (Gaussian).
+    target: the data's targets, shaped as the loss function expects.
+    distribution: `"categorical"`, `"bernoulli"` or `"gaussian"`.
+    weight: the coefficient of this loss in the total loss, so that the
+      curvature of `weight * loss` is `weight` times the loss's curvature.
+
+  Returns:
+    `prediction`, unchanged.
+  """
+  return loss_tag_p.bind(prediction, target, distribution=distribution,
+                         weight=float(weight))

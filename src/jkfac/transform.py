@@ -1,0 +1,233 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""The K-FAC preconditioner as an optax transform, and the whole optimizer.
+
+`scale_by_kfac` keeps exponential moving averages of each layer's factors,
+recomputes their damped inverses every `inverse_every` updates inside the
+compiled step (`lax.cond` on the step count: one compilation, no Python
+branching), and preconditions each layer's gradient. `kfac` chains it with
+momentum and the learning rate, like optax's aliases.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jkfac import blocks, linalg
+from jkfac.estimator import Estimator, Statistics
+
+Array = jax.Array
+ScalarOrSchedule = Union[float, Array, optax.Schedule]
+
+
+class ScaleByKFACState(NamedTuple):
+  """State of `scale_by_kfac`.
+
+  Attributes:
+    count: updates made so far (int32).
+    factors: layer name -> moving averages of its factors.
+    inverses: layer name -> what its block needs to precondition (damped
+      inverses, π), from the last refresh.
+    damping: the damping λ in use at the last refresh.
+    skipped: updates whose statistics were not finite and were left out of
+      the moving averages (int32).
+  """
+  count: Array
+  factors: dict[str, dict[str, Array]]
+  inverses: dict[str, dict[str, Array]]
+  damping: Array
+  skipped: Array
+
+
+def _value(schedule: ScalarOrSchedule, count: Array) -> Array:
+  return schedule(count) if callable(schedule) else jnp.asarray(schedule)
+
+
+def _python_number(value: Any) -> Optional[float]:
+  """`value` as a float when it is a concrete number (not a schedule or tracer)."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  return float(value)
+
+
+def _check_options(damping, decay, inverse_every, inverse_warmup) -> None:
+  checks = [
+      (damping, lambda v: v > 0.0, "damping must be positive, got {}. It is the λ of "
+       "(F + λI); try 1e-3 and adjust."),
+      (decay, lambda v: 0.0 <= v < 1.0, "decay must be in [0, 1), got {}."),
+      (inverse_every, lambda v: v >= 1 and v == int(v),
+       "inverse_every must be a positive integer, got {}."),
+      (inverse_warmup, lambda v: v >= 0 and v == int(v),
+       "inverse_warmup must be a non-negative integer, got {}."),
+  ]
+  for value, ok, message in checks:
+    number = _python_number(value)
+    if number is not None and not ok(number):
+      raise ValueError(message.format(value))
+
+
+def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0.95,
+                  inverse_every: int = 20, inverse_warmup: int = 3,
+                  structure: str = "block_diagonal",
+                  axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
+  """Preconditions gradients with the Kronecker-factored Fisher inverse.
+
+  Martens & Grosse (2015): section 4.2 (block-diagonal inverse), section 5
+  (moving averages), section 6.3 (factored Tikhonov damping with π). No
+  learning rate, momentum or clipping: chain those (or use `kfac`).
+
+  `update(grads, state, params, *, stats)` takes the `stats` returned by the
+  estimator with the same batch.
+
+  Args:
+    est: the estimator (`jkfac.estimator`) whose statistics this consumes.
+    damping: λ, a positive float or an optax schedule of the update count.
+      Each Kronecker block is damped as `(A + π√λ I) ⊗ (G + √λ/π I)`, each
+      diagonal block as `diag + λ`. The value at a refresh is used until the
+      next one.
+    decay: moving-average decay: `X ← ε X + (1 - ε) X_batch` with
+      `ε = min(1 - 1/k, decay)` at the k-th update, so the first uses the
+      batch alone.
+    inverse_every: recompute the damped inverses every this many updates.
+    inverse_warmup: also recompute them at each of the first this many
+      updates, while the averages still change fast (the paper does this).
+    structure: `"block_diagonal"` (section 4.2). The block-tridiagonal inverse
+      of section 4.3 is not implemented yet.
+    axis_name: under `pmap`, the axis over which statistics are averaged.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+  """
+  _check_options(damping, decay, inverse_every, inverse_warmup)
+  if structure != "block_diagonal":
+    raise NotImplementedError(
+        f"structure={structure!r}: only 'block_diagonal' is implemented so far.")
+  layers = est.layers
+  block_of = {layer.name: blocks.get(layer.kind) for layer in layers}
+
+  def init_fn(params: Any) -> ScaleByKFACState:
+    est.check_params(params, "scale_by_kfac.init(params)")
+    factors = _zero_factors(est)
+    damping0 = _value(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
+    inverses = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
+        lambda f: _inverses(f, damping0), factors))
+    return ScaleByKFACState(jnp.zeros([], jnp.int32), factors, inverses,
+                            damping0, jnp.zeros([], jnp.int32))
+
+  def _inverses(factors, lam):
+    return {layer.name: block_of[layer.name].inverse(layer, factors[layer.name], lam)
+            for layer in layers}
+
+  def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,
+                stats: Optional[Statistics] = None, **unused_extra_args):
+    _check_stats(stats, est)
+    flat_grads = est.check_params(updates, "scale_by_kfac.update(grads, ...)")
+    batch = stats.factors
+    if axis_name is not None:
+      batch = jax.lax.pmean(batch, axis_name)
+    count = state.count + 1
+    epsilon = jnp.minimum(1.0 - 1.0 / count.astype(est.factor_dtype), decay)
+    finite = linalg.all_finite(batch)
+    factors = jax.tree_util.tree_map(
+        lambda old, new: jnp.where(finite, epsilon * old + (1.0 - epsilon) * new, old),
+        state.factors, batch)
+    lam = _value(damping, state.count).astype(est.factor_dtype)
+    refresh = (state.count % inverse_every == 0) | (state.count < inverse_warmup)
+
+    def recompute(_):
+      fresh = _inverses(factors, lam)
+      return {name: _keep_if_finite(fresh[name], state.inverses[name]) for name in fresh}, lam
+
+    inverses, used_damping = jax.lax.cond(
+        refresh, recompute, lambda _: (state.inverses, state.damping), None)
+    new_flat = list(flat_grads)
+    for layer in layers:
+      grads = [flat_grads[p.index] for p in layer.params]
+      preconditioned = block_of[layer.name].precondition(layer, inverses[layer.name], grads)
+      for p, g in zip(layer.params, preconditioned):
+        new_flat[p.index] = g
+    new_updates = jax.tree_util.tree_unflatten(est.params_tree, new_flat)
+    new_state = ScaleByKFACState(count, factors, inverses, used_damping,
+                                 state.skipped + (~finite).astype(jnp.int32))
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _keep_if_finite(new: Any, old: Any) -> Any:
+  """`new` where all of it is finite, else `old` (a failed eigendecomposition)."""
+  ok = linalg.all_finite(new)
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _zero_factors(est: Estimator) -> dict[str, dict[str, Array]]:
+  """Zero factors with the shapes and dtypes the estimator's blocks produce."""
+  shapes = jax.eval_shape(lambda: _example_statistics(est))
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _example_statistics(est: Estimator) -> dict[str, dict[str, Array]]:
+  factors = {}
+  for layer, uses in zip(est.layers, est.uses):
+    captures = blocks.Captures(
+        uses=uses,
+        inputs=[jnp.zeros(u.x_shape, est.factor_dtype) for u in uses],
+        output_grads=[jnp.zeros((1,) + u.out_shape, est.factor_dtype) for u in uses],
+        squared_grads=[jnp.zeros(p.shape, est.factor_dtype) for p in layer.params],
+        dtype=est.factor_dtype)
+    factors[layer.name] = blocks.get(layer.kind).statistics(layer, captures)
+  return factors
+
+
+def _check_stats(stats: Any, est: Estimator) -> None:
+  if stats is None:
+    raise ValueError(
+        "scale_by_kfac.update needs the curvature statistics of this batch: call "
+        "tx.update(grads, opt_state, params, stats=stats) with the stats returned "
+        "by `loss, grads, stats = est(params, batch, rng=key)`.")
+  if not isinstance(stats, Statistics):
+    raise TypeError(f"stats must be the Statistics returned by the estimator, got "
+                    f"{type(stats).__name__}.")
+  if stats.estimator_id != est.id:
+    raise ValueError(
+        f"stats come from another estimator (id {stats.estimator_id}) than the one "
+        f"this transform was built with (id {est.id}). Build the optimizer with the "
+        "estimator you call in the training step: jkfac.kfac(est, ...).")
+
+
+def kfac(est: Estimator, learning_rate: ScalarOrSchedule, momentum: float = 0.9,
+         damping: ScalarOrSchedule = 1e-3, *, nesterov: bool = False,
+         decay: float = 0.95, inverse_every: int = 20, inverse_warmup: int = 3,
+         structure: str = "block_diagonal",
+         axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
+  """K-FAC: the preconditioner, then momentum and the learning rate.
+
+  `optax.chain(scale_by_kfac(...), optax.trace(momentum), scale(-learning_rate))`.
+  Use it as any optax optimizer, passing `stats=` to `update`.
+
+  Args:
+    est: the estimator.
+    learning_rate: a float or an optax schedule.
+    momentum: heavy-ball momentum on the preconditioned gradient (0 for none).
+    damping: λ, a float or a schedule (see `scale_by_kfac`).
+    nesterov: use Nesterov momentum.
+    decay: factor moving-average decay (see `scale_by_kfac`).
+    inverse_every: inverse refresh period, in updates.
+    inverse_warmup: refresh at every one of the first this many updates.
+    structure: the inverse's block structure (see `scale_by_kfac`).
+    axis_name: the `pmap` axis over which statistics are averaged.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+  """
+  number = _python_number(momentum)
+  if number is not None and number < 0:
+    raise ValueError(f"momentum must be non-negative, got {momentum}.")
+  return optax.chain(
+      scale_by_kfac(est, damping=damping, decay=decay, inverse_every=inverse_every,
+                    inverse_warmup=inverse_warmup, structure=structure, axis_name=axis_name),
+      optax.trace(decay=momentum, nesterov=nesterov) if number != 0 else optax.identity(),
+      optax.scale_by_learning_rate(learning_rate))

@@ -1,0 +1,14 @@
+"""Test configuration.
+
+Eight CPU devices for the multi-device tests (set before JAX starts), and
+float64 enabled so that brute-force comparisons can be tight; tests that
+check float32 behaviour make float32 arrays explicitly.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # pylint: disable=g-import-not-at-top
+
+jax.config.update("jax_enable_x64", True)
