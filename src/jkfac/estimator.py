@@ -191,7 +191,7 @@ class Estimator:
         keys = jax.random.split(jax.random.fold_in(rng, index), self.fisher_samples)
         cot = jax.vmap(lambda k: dist.nll_grad(pred, dist.sample(k, pred)))(keys)
         scale /= math.sqrt(self.fisher_samples)
-      cots.append((scale * cot).astype(self.factor_dtype))
+      cots.append((scale * cot).astype(pred.dtype))
     if self.mode == "exact" and len(cots) > 1:  # one backward pass per column, per loss
       total = sum(c.shape[0] for c in cots)
       offsets = itertools.accumulate([0] + [c.shape[0] for c in cots])

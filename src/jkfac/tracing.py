@@ -497,7 +497,7 @@ def _group(walker: _Walker, params: list[Param]) -> tuple[tuple[Layer, ...], tup
     if note is None:
       used_by = sorted(walker.consumers.get(p.index, ()))
       note = ("used by " + ", ".join(used_by)) if used_by else "not used by the loss"
-    layers.append(Layer(p.path, "diagonal", (p,), (), note))
+    layers.append(Layer(p.path, "diagonal", (dataclasses.replace(p, role="param"),), (), note))
     uses.append(())
   return _unique_names(layers), tuple(uses)
 
