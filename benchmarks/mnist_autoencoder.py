@@ -1,0 +1,355 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""The K-FAC paper's MNIST autoencoder: jkfac against optax and kfac-jax.
+
+Every optimizer starts from the same initialisation and sees the same
+batches. Each runs in its own process (so that its peak memory is its own),
+one after the other on the same machine. For each it records the training
+objective on a fixed subset of the training set against steps and against
+seconds, the median step time, the first step's time (tracing and
+compiling), the optimizer state's size and the process's peak memory. Adam
+and SGD with Nesterov momentum run over a small learning-rate grid and the
+best of each grid is reported. kfac-jax runs when it is importable (it needs
+JAX 0.8.3).
+
+    python benchmarks/mnist_autoencoder.py --quick     # about two minutes
+    python benchmarks/mnist_autoencoder.py             # the full comparison
+
+Results: `benchmarks/results/mnist_autoencoder[_quick].json` and `.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+RESULTS = HERE / "results"
+
+# jkfac's settings for this benchmark: fixed learning rate, momentum and
+# damping (Martens & Grosse's adaptive rules are a later addition).
+JKFAC = dict(learning_rate=0.05, momentum=0.9, damping=1.0, inverse_every=20)
+ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
+SGD_GRID = (0.003, 0.01, 0.03, 0.1)
+QUICK_ADAM_GRID = (1e-3, 3e-3)
+QUICK_SGD_GRID = (0.03,)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true",
+                      help="150 steps, small grids: about two minutes on 2 CPU cores")
+  parser.add_argument("--steps", type=int, default=None, help="training steps per optimizer")
+  parser.add_argument("--batch-size", type=int, default=1000)
+  parser.add_argument("--growing-batch", action="store_true",
+                      help="the paper's schedule m_k = min(m_1 exp((k-1)/b), N), full by step "
+                           "500, rounded down to a ladder of sizes to bound recompilation")
+  parser.add_argument("--eval-size", type=int, default=10000,
+                      help="training examples in the fixed evaluation subset")
+  parser.add_argument("--eval-every", type=int, default=None)
+  parser.add_argument("--activation", choices=("tanh", "sigmoid"), default="tanh")
+  parser.add_argument("--stats-fraction", type=float, default=1.0,
+                      help="fraction of each batch for jkfac's curvature statistics")
+  parser.add_argument("--optimizers", default="all",
+                      help="comma-separated subset of: jkfac,adam,sgd,kfac_jax,kfac_jax_fixed")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--data-dir", default=None, help="MNIST directory (else JKFAC_DATA_DIR, "
+                      "../shared/data, the cache)")
+  parser.add_argument("--out", default=None, help="results file stem")
+  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.steps is None:
+    args.steps = 150 if args.quick else 1000
+  if args.eval_every is None:
+    args.eval_every = 10 if args.quick else 20
+  if args.quick:
+    args.eval_size = min(args.eval_size, 5000)
+  return args
+
+
+# --- the runs --------------------------------------------------------------
+
+def planned_runs(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, Any]]:
+  wanted = set(args.optimizers.split(",")) if args.optimizers != "all" else {
+      "jkfac", "adam", "sgd", "kfac_jax", "kfac_jax_fixed"}
+  runs = []
+  if "jkfac" in wanted:
+    runs.append(dict(name="jkfac", kind="jkfac", stats_fraction=args.stats_fraction, **JKFAC))
+  if "adam" in wanted:
+    runs += [dict(name=f"adam lr={lr:g}", kind="adam", group="adam", learning_rate=lr)
+             for lr in (QUICK_ADAM_GRID if args.quick else ADAM_GRID)]
+  if "sgd" in wanted:
+    runs += [dict(name=f"sgd-nesterov lr={lr:g}", kind="sgd", group="sgd", learning_rate=lr,
+                  momentum=0.9) for lr in (QUICK_SGD_GRID if args.quick else SGD_GRID)]
+  if kfac_jax_ok and "kfac_jax" in wanted:
+    runs.append(dict(name="kfac-jax adaptive", kind="kfac_jax", adaptive=True, inverse_every=5))
+  if kfac_jax_ok and "kfac_jax_fixed" in wanted and not args.quick:
+    runs.append(dict(name="kfac-jax fixed", kind="kfac_jax", adaptive=False,
+                     learning_rate=JKFAC["learning_rate"], momentum=JKFAC["momentum"],
+                     damping=JKFAC["damping"], inverse_every=20))
+  return runs
+
+
+def batch_sizes(args: argparse.Namespace, n_train: int) -> list[int]:
+  """The batch size of every step."""
+  if not args.growing_batch:
+    return [args.batch_size] * args.steps
+  rate = 499 / math.log(n_train / args.batch_size)
+  ladder = sorted({min(args.batch_size * 2 ** i, n_train) for i in range(20)})
+  sizes = []
+  for k in range(1, args.steps + 1):
+    target = min(args.batch_size * math.exp((k - 1) / rate), n_train)
+    sizes.append(max(s for s in ladder if s <= target + 1e-6))
+  return sizes
+
+
+def batch_indices(args: argparse.Namespace, n_train: int) -> list[np.ndarray]:
+  """One shared data order: reshuffled every epoch from the seed."""
+  rng = np.random.RandomState(args.seed)
+  order, position, batches = rng.permutation(n_train), 0, []
+  for size in batch_sizes(args, n_train):
+    if position + size > n_train:
+      order, position = rng.permutation(n_train), 0
+    batches.append(order[position:position + size])
+    position += size
+  return batches
+
+
+def make_step(run: dict[str, Any], params, example_batch, activation: str):
+  """Returns (init, step, state_bytes) for one run's optimizer."""
+  import functools
+  import jax
+  import optax
+  import autoencoder
+
+  objective = functools.partial(autoencoder.objective, activation=activation)
+  if run["kind"] == "kfac_jax":
+    import kfac_jax_runner
+    runner = kfac_jax_runner.make_optimizer(
+        params, example_batch, activation=activation, adaptive=run["adaptive"],
+        learning_rate=run.get("learning_rate"), momentum=run.get("momentum"),
+        damping=run.get("damping"), inverse_every=run["inverse_every"])
+    return runner.init, runner.step, runner.state_bytes
+
+  if run["kind"] == "jkfac":
+    import jkfac
+    est = jkfac.estimator(functools.partial(autoencoder.jkfac_objective, activation=activation),
+                          params, example_batch, stats_fraction=run["stats_fraction"])
+    tx = jkfac.kfac(est, learning_rate=run["learning_rate"], momentum=run["momentum"],
+                    damping=run["damping"], inverse_every=run["inverse_every"])
+
+    @jax.jit
+    def step(params, state, batch, key):
+      loss, grads, stats = est(params, batch, rng=key)
+      updates, state = tx.update(grads, state, params, stats=stats)
+      return optax.apply_updates(params, updates), state, loss
+  else:
+    if run["kind"] == "adam":
+      tx = optax.adam(run["learning_rate"])
+    else:
+      tx = optax.sgd(run["learning_rate"], momentum=run["momentum"], nesterov=True)
+
+    @jax.jit
+    def step(params, state, batch, key):
+      del key
+      loss, grads = jax.value_and_grad(objective)(params, batch)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state, loss
+
+  init = lambda params, batch: tx.init(params)
+  state_bytes = lambda state: int(sum(x.nbytes for x in jax.tree_util.tree_leaves(state)))
+  return init, step, state_bytes
+
+
+def train(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+  """Trains one optimizer; returns its record."""
+  import jax
+  import jax.numpy as jnp
+  from tqdm import tqdm
+  import autoencoder
+  import datasets
+
+  images, _ = datasets.load_mnist("train", data_dir=args.data_dir)
+  eval_images = jnp.asarray(images[:args.eval_size])
+  batches = batch_indices(args, images.shape[0])
+  params = autoencoder.init_params(jax.random.PRNGKey(args.seed))
+  init, step, state_bytes = make_step(run, params, jnp.asarray(images[batches[0]]),
+                                      args.activation)
+  evaluate = jax.jit(lambda p: autoencoder.objective(p, eval_images, args.activation))
+  state = init(params, jnp.asarray(images[batches[0]]))
+  record = dict(run, steps=[], loss=[], seconds=[], step_times=[])
+  elapsed = 0.0
+  key = jax.random.PRNGKey(args.seed + 1)
+  bar = tqdm(range(args.steps), desc=f"{run['name']:>22}", leave=True, ncols=100,
+             file=sys.stderr, mininterval=1.0)
+  for k in bar:
+    batch = jnp.asarray(images[batches[k]])
+    key, sub = jax.random.split(key)
+    start = time.perf_counter()
+    params, state, loss = step(params, state, batch, sub)
+    loss = float(jax.block_until_ready(loss))
+    elapsed += time.perf_counter() - start
+    record["step_times"].append(time.perf_counter() - start)
+    if k % args.eval_every == 0 or k == args.steps - 1:
+      value = float(evaluate(params))
+      record["steps"].append(k + 1)
+      record["loss"].append(value)
+      record["seconds"].append(elapsed)
+      bar.set_postfix(loss=f"{value:.2f}")
+    if not math.isfinite(loss):
+      record["diverged_at"] = k
+      break
+  times = record["step_times"]
+  record.update(
+      first_step_s=times[0],
+      median_step_s=float(np.median(times[1:])) if len(times) > 1 else float("nan"),
+      final_loss=record["loss"][-1],
+      state_bytes=state_bytes(state),
+      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      batch_sizes=sorted(set(int(len(b)) for b in batches[:args.steps])))
+  return record
+
+
+# --- orchestration -------------------------------------------------------------
+
+def run_in_subprocess(run: dict[str, Any], argv: list[str]) -> dict[str, Any]:
+  with tempfile.TemporaryDirectory() as tmp:
+    out = pathlib.Path(tmp) / "record.json"
+    spec = json.dumps(dict(run=run, out=str(out)))
+    proc = subprocess.run([sys.executable, __file__, *argv, "--worker", spec], check=False)
+    if proc.returncode != 0 or not out.exists():
+      return dict(run, error=f"worker exited with status {proc.returncode}")
+    return json.loads(out.read_text())
+
+
+def machine() -> dict[str, Any]:
+  import jax
+  info = dict(platform=platform.platform(), python=platform.python_version(),
+              cpus=os.cpu_count(), jax=jax.__version__,
+              devices=[str(d) for d in jax.devices()])
+  try:
+    import kfac_jax_runner
+    info["kfac_jax"] = kfac_jax_runner.available()[1]
+  except ImportError:
+    pass
+  return info
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+  """The best of each grid, and the headline ratios."""
+  ok = [r for r in records if "error" not in r and "diverged_at" not in r]
+  best: dict[str, dict[str, Any]] = {}
+  for r in ok:
+    group = r.get("group", r["name"])
+    if group not in best or r["final_loss"] < best[group]["final_loss"]:
+      best[group] = r
+  summary: dict[str, Any] = {"best": {g: r["name"] for g, r in best.items()}, "table": []}
+  for group, r in best.items():
+    summary["table"].append(dict(optimizer=r["name"], final_loss=r["final_loss"],
+                                 median_step_s=r["median_step_s"], first_step_s=r["first_step_s"],
+                                 state_mb=r["state_bytes"] / 2**20, peak_rss_mb=r["peak_rss_mb"],
+                                 steps=r["steps"][-1]))
+  if "adam" in best and "jkfac" in best:
+    adam, jk = best["adam"], best["jkfac"]
+    summary["jkfac_step_over_adam"] = jk["median_step_s"] / adam["median_step_s"]
+    summary["jkfac_first_step_over_adam"] = jk["first_step_s"] / adam["first_step_s"]
+    target = adam["final_loss"]
+    summary["adam_final_loss"] = target
+    summary["seconds_to_adam_final_loss"] = {
+        r["name"]: _time_to(r, target) for r in best.values()}
+  for name in ("kfac-jax adaptive", "kfac-jax fixed"):
+    if name in best and "jkfac" in best:
+      summary[f"jkfac_step_over_{name}"] = best["jkfac"]["median_step_s"] / best[name]["median_step_s"]
+  return summary
+
+
+def _time_to(record: dict[str, Any], target: float) -> float | None:
+  for loss, seconds in zip(record["loss"], record["seconds"]):
+    if loss <= target:
+      return seconds
+  return None
+
+
+def plot(records: list[dict[str, Any]], summary: dict[str, Any], path: pathlib.Path,
+         title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  shown = [r for r in records if "error" not in r and r["name"] in summary["best"].values()]
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for r in shown:
+    axes[0].plot(r["steps"], r["loss"], label=r["name"])
+    axes[1].plot(r["seconds"], r["loss"], label=r["name"])
+  for ax, xlabel in zip(axes, ("step", "seconds (training steps only, compile included)")):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("training objective (fixed subset)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse_args(argv)
+  if args.worker:
+    spec = json.loads(args.worker)
+    record = train(spec["run"], args)
+    pathlib.Path(spec["out"]).write_text(json.dumps(record))
+    return
+  try:
+    import kfac_jax_runner
+    kfac_jax_ok, kfac_jax_note = kfac_jax_runner.available()
+  except ImportError as e:
+    kfac_jax_ok, kfac_jax_note = False, str(e)
+  runs = planned_runs(args, kfac_jax_ok)
+  print(f"MNIST autoencoder {'(quick) ' if args.quick else ''}{args.steps} steps, batch "
+        f"{'growing from ' if args.growing_batch else ''}{args.batch_size}, {args.activation}; "
+        f"{len(runs)} runs: {', '.join(r['name'] for r in runs)}", flush=True)
+  if not kfac_jax_ok:
+    print(f"kfac-jax not run: {kfac_jax_note}", flush=True)
+  records = [run_in_subprocess(run, argv) for run in runs]
+  for r in records:
+    if "error" in r:
+      print(f"  {r['name']}: FAILED ({r['error']})")
+  summary = summarise(records)
+  stem = args.out or ("mnist_autoencoder_quick" if args.quick else "mnist_autoencoder")
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  result = dict(benchmark="mnist_autoencoder", args=vars(args), machine=machine(),
+                runs=records, summary=summary)
+  (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
+  plot(records, summary, RESULTS / f"{stem}.png",
+       f"MNIST autoencoder, batch {args.batch_size}, {args.activation}")
+  print_summary(summary)
+  print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')}")
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+  print("\n  optimizer                 final loss  median step (s)  first step (s)  state (MB)  peak RSS (MB)")
+  for row in summary["table"]:
+    print(f"  {row['optimizer']:<24} {row['final_loss']:>11.2f} {row['median_step_s']:>16.4f} "
+          f"{row['first_step_s']:>15.2f} {row['state_mb']:>11.1f} {row['peak_rss_mb']:>14.0f}")
+  for key in sorted(summary):
+    if key.startswith("jkfac_") or key.startswith("seconds_to") or key == "adam_final_loss":
+      print(f"  {key}: {summary[key]}")
+
+
+if __name__ == "__main__":
+  main()
