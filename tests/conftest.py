@@ -2,12 +2,15 @@
 
 Eight CPU devices for the multi-device tests (set before JAX starts), and
 float64 enabled so that brute-force comparisons can be tight; tests that
-check float32 behaviour make float32 arrays explicitly.
+check float32 behaviour make float32 arrays explicitly. OpenBLAS (behind
+LAPACK's eigensolver) runs single-threaded: with pytest-xdist workers
+sharing the cores, its spinning threads make `eigh` a hundred times slower.
 """
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # pylint: disable=g-import-not-at-top
 

@@ -1,0 +1,91 @@
+"""Runs every notebook in examples/ top to bottom and checks that no cell fails.
+
+Each notebook is executed with nbclient in a fresh IPython kernel running this
+very interpreter (a kernel spec written to a temporary folder and put first on
+JUPYTER_PATH, so that no "python3" kernel spec of another environment is
+picked up). The notebooks train on MNIST: the test is skipped only if the
+MNIST files cannot be found locally (nothing is downloaded here); the folder
+found is passed to the kernel through JKFAC_DATA_DIR. The kernel inherits the
+environment (XLA_FLAGS included) but not this process's JAX configuration, so
+the notebooks run in float32 as they would for a user.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+
+import nbclient
+import nbformat
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES_DIR = REPO_ROOT / "examples"
+NOTEBOOKS = sorted(EXAMPLES_DIR.glob("*.ipynb"))
+TIMEOUT_S = 600  # per cell
+
+
+def _mnist_dir() -> pathlib.Path | None:
+  """The folder holding the MNIST files (as the loader finds it), or None."""
+  name = "jkfac_benchmarks_datasets"
+  module = sys.modules.get(name)
+  if module is None:
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / "datasets.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+  try:
+    return module.find_data_dir("mnist", download=False)
+  except FileNotFoundError:
+    return None
+
+
+@pytest.fixture
+def kernel_env(tmp_path, monkeypatch):
+  """A "python3" kernel spec for this interpreter, first on JUPYTER_PATH."""
+  spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+  spec_dir.mkdir(parents=True)
+  (spec_dir / "kernel.json").write_text(json.dumps({
+      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "display_name": f"Python {sys.version_info[0]}.{sys.version_info[1]} (tests)",
+      "language": "python",
+  }))
+  monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+  # Headless plotting in the kernel, whatever the notebook asks for.
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  # One LAPACK thread: the eigendecompositions of K-FAC's inverse refreshes go
+  # through OpenBLAS, whose threads spin when the cores are busy (as under
+  # `pytest -n 2` on two cores), making a refresh a hundred times slower.
+  if "OPENBLAS_NUM_THREADS" not in os.environ:
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+
+
+def test_examples_exist():
+  assert NOTEBOOKS, f"no notebooks found in {EXAMPLES_DIR}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path, kernel_env, monkeypatch):
+  data_dir = _mnist_dir()
+  if data_dir is None:
+    pytest.skip("MNIST files not found (looked in $JKFAC_DATA_DIR, <repo>/../shared/data "
+                "and the jkfac cache); the example notebooks train on MNIST.")
+  monkeypatch.setenv("JKFAC_DATA_DIR", str(data_dir))
+
+  nb = nbformat.read(path, as_version=4)
+  client = nbclient.NotebookClient(
+      nb, timeout=TIMEOUT_S, kernel_name="python3",
+      resources={"metadata": {"path": str(EXAMPLES_DIR)}})
+  try:
+    client.execute()
+  except nbclient.exceptions.CellExecutionError as error:
+    pytest.fail(f"{path.name}: a cell failed:\n{error}", pytrace=False)
+
+  for cell in nb.cells:
+    if cell.cell_type != "code":
+      continue
+    errors = [out for out in cell.get("outputs", []) if out.get("output_type") == "error"]
+    assert not errors, f"{path.name}: cell {cell.source[:80]!r} raised {errors[0]['ename']}"
