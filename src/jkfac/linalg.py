@@ -4,8 +4,9 @@
 Inverses come from symmetric eigendecompositions, `M = Q diag(d) Q^T`, with
 negative round-off eigenvalues clipped to 0 before the damping is added, so
 that `(M + c I)^{-1} = Q diag(1 / (max(d, 0) + c)) Q^T` is always positive
-definite for `c > 0`. Non-finite input never reaches `eigh`: the caller gets a
-flag and keeps its previous inverse (see `transform`).
+definite for `c > 0`. Non-finite input never reaches `eigh`: the transform
+only averages finite statistics into its factors, and keeps its previous
+inverses when a new one is not finite (`gram_finite`).
 """
 
 from __future__ import annotations
@@ -16,53 +17,45 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def all_finite(tree) -> Array:
-  """True when every leaf of `tree` is finite (a scalar boolean array)."""
-  leaves = jax.tree_util.tree_leaves(tree)
-  if not leaves:
+def gram_finite(tree) -> Array:
+  """True when every leaf of `tree`, a tree of Gram matrices, is finite.
+
+  Cheap: for a positive semi-definite matrix (a factor `x^T x`, or a damped
+  inverse `Q diag(s) Q^T` with `s > 0`) a non-finite entry always comes with
+  a non-finite diagonal entry, so only diagonals are read. Vectors (diagonal
+  blocks) and scalars are read whole.
+
+  Args:
+    tree: a pytree of square matrices, vectors and scalars.
+
+  Returns:
+    A scalar boolean array.
+  """
+  sums = [jnp.trace(x) if x.ndim == 2 and x.shape[0] == x.shape[1] else jnp.sum(x)
+          for x in jax.tree_util.tree_leaves(tree)]
+  if not sums:
     return jnp.array(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  return jnp.all(jnp.isfinite(jnp.stack(sums)))
 
 
 def damped_inverse(matrix: Array, shift: Array) -> Array:
-  """Returns `(matrix + shift I)^{-1}` for a symmetric PSD `matrix`.
+  """Returns `(matrix + shift I)^{-1}` for a finite symmetric PSD `matrix`.
+
+  From the symmetric eigendecomposition `Q diag(d) Q^T` (of the symmetrised
+  input), with round-off negative eigenvalues clipped to 0:
+  `Q diag(1 / (max(d, 0) + shift)) Q^T`. If LAPACK fails, the result is NaN,
+  which the caller detects (`gram_finite`) and replaces.
 
   Args:
-    matrix: symmetric, shape `(n, n)`; non-finite entries are replaced by 0
-      before the eigendecomposition (the caller checks finiteness itself).
+    matrix: symmetric, shape `(n, n)`, finite.
     shift: a positive scalar added to every eigenvalue.
 
   Returns:
     The inverse, symmetric, shape `(n, n)`.
   """
-  eigenvalues, eigenvectors = safe_eigh(matrix)
-  scale = 1.0 / (eigenvalues + shift)
+  eigenvalues, eigenvectors = jnp.linalg.eigh(matrix)
+  scale = 1.0 / (jnp.maximum(eigenvalues, 0.0) + shift)
   return (eigenvectors * scale) @ eigenvectors.T
-
-
-def safe_eigh(matrix: Array) -> tuple[Array, Array]:
-  """Eigendecomposition of a symmetric PSD matrix, robust to bad input.
-
-  Non-finite entries are replaced by 0; the matrix is symmetrised and scaled
-  to unit largest entry, and entries below the smallest normal number are
-  flushed to 0: subnormal numbers (common in the output factor of a confident
-  classifier) slow LAPACK's eigensolver down a hundredfold. Eigenvalues are
-  clipped at 0.
-
-  Args:
-    matrix: symmetric, shape `(n, n)`.
-
-  Returns:
-    `(eigenvalues, eigenvectors)`, eigenvalues non-negative, ascending.
-  """
-  safe = jnp.where(jnp.isfinite(matrix), matrix, 0.0)
-  safe = 0.5 * (safe + safe.T)
-  largest = jnp.max(jnp.abs(safe))
-  scale = jnp.where(largest > 0, largest, 1.0)
-  unit = safe / scale
-  unit = jnp.where(jnp.abs(unit) < jnp.finfo(unit.dtype).tiny, 0.0, unit)
-  eigenvalues, eigenvectors = jnp.linalg.eigh(unit)
-  return jnp.maximum(eigenvalues, 0.0) * scale, eigenvectors
 
 
 def pi_factor(a: Array, g: Array) -> Array:

@@ -130,7 +130,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
       batch = jax.lax.pmean(batch, axis_name)
     count = state.count + 1
     epsilon = jnp.minimum(1.0 - 1.0 / count.astype(est.factor_dtype), decay)
-    finite = linalg.all_finite(batch)
+    finite = linalg.gram_finite(batch)
     factors = jax.tree_util.tree_map(
         lambda old, new: jnp.where(finite, epsilon * old + (1.0 - epsilon) * new, old),
         state.factors, batch)
@@ -159,7 +159,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
 
 def _keep_if_finite(new: Any, old: Any) -> Any:
   """`new` where all of it is finite, else `old` (a failed eigendecomposition)."""
-  ok = linalg.all_finite(new)
+  ok = linalg.gram_finite(new)
   return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
