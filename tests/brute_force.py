@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jkfac
+
 
 def mlp_params(key, sizes, dtype=jnp.float64, scale=0.5):
   """Dense layers `{"l0": {"w", "b"}, ...}` for the given sizes."""
@@ -31,6 +33,18 @@ def mlp_forward(params, x, record=None):
       record.append((h, s))
     h = jnp.tanh(s) if i < n - 1 else s
   return h
+
+
+def classification_data(n, features, classes):
+  """Float64 inputs and integer labels, from a fixed key."""
+  kx, ky = jax.random.split(jax.random.PRNGKey(1))
+  return (jax.random.normal(kx, (n, features), jnp.float64),
+          jax.random.randint(ky, (n,), 0, classes))
+
+
+def ce_loss(params, x, y):
+  """Softmax cross-entropy of the tanh MLP, registered with jkfac."""
+  return jkfac.softmax_cross_entropy(mlp_forward(params, x), y)
 
 
 def homogeneous(x):

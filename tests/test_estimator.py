@@ -12,13 +12,11 @@ KEY = jax.random.PRNGKey(0)
 SIZES = (3, 5, 4)
 
 
-def _data(n=12, d=SIZES[0], classes=SIZES[-1]):
-  kx, ky = jax.random.split(jax.random.PRNGKey(1))
-  return jax.random.normal(kx, (n, d), jnp.float64), jax.random.randint(ky, (n,), 0, classes)
+def _data(n=12):
+  return bf.classification_data(n, SIZES[0], SIZES[-1])
 
 
-def _ce_loss(params, x, y):
-  return jkfac.softmax_cross_entropy(bf.mlp_forward(params, x), y)
+_ce_loss = bf.ce_loss
 
 
 def test_empirical_statistics_equal_per_example_sums():

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jkfac import blocks, linalg
@@ -109,13 +110,14 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
   block_of = {layer.name: blocks.get(layer.kind) for layer in layers}
 
   def init_fn(params: Any) -> ScaleByKFACState:
-    est.check_params(params, "scale_by_kfac.init(params)")
-    factors = _zero_factors(est)
+    leaves = est.check_params(params, "scale_by_kfac.init(params)")
+    traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
+    factor_shapes = jax.eval_shape(lambda: _example_statistics(est))
     damping0 = _value(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
-    inverses = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
-        lambda f: _inverses(f, damping0), factors))
-    return ScaleByKFACState(jnp.zeros([], jnp.int32), factors, inverses,
-                            damping0, jnp.zeros([], jnp.int32))
+    inverse_shapes = jax.eval_shape(lambda f: _inverses(f, damping0), factor_shapes)
+    return ScaleByKFACState(jnp.zeros([], jnp.int32), _zeros(factor_shapes, traced),
+                            _zeros(inverse_shapes, traced), damping0,
+                            jnp.zeros([], jnp.int32))
 
   def _inverses(factors, lam):
     return {layer.name: block_of[layer.name].inverse(layer, factors[layer.name], lam)
@@ -163,13 +165,14 @@ def _keep_if_finite(new: Any, old: Any) -> Any:
   return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def _zero_factors(est: Estimator) -> dict[str, dict[str, Array]]:
-  """Zero factors with the shapes and dtypes the estimator's blocks produce."""
-  shapes = jax.eval_shape(lambda: _example_statistics(est))
-  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+def _zeros(shapes: Any, traced: bool) -> Any:
+  """Zero arrays; made on the host outside `jit` (no kernel compiled per shape)."""
+  make = jnp.zeros if traced else lambda shape, dtype: jax.device_put(np.zeros(shape, dtype))
+  return jax.tree_util.tree_map(lambda s: make(s.shape, s.dtype), shapes)
 
 
 def _example_statistics(est: Estimator) -> dict[str, dict[str, Array]]:
+  """Statistics of zero inputs, for their shapes and dtypes."""
   factors = {}
   for layer, uses in zip(est.layers, est.uses):
     captures = blocks.Captures(
