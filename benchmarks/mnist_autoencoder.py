@@ -38,9 +38,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
 
-# jkfac's settings for this benchmark: fixed learning rate, momentum and
-# damping (Martens & Grosse's adaptive rules are a later addition).
-JKFAC = dict(learning_rate=0.05, momentum=0.9, damping=1.0, inverse_every=20)
+# jkfac's settings for this benchmark: learning rate and momentum from the
+# quadratic model (K-FAC section 7), fixed damping.
+JKFAC = dict(learning_rate=None, momentum=None, damping=1.0, inverse_every=20)
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
 SGD_GRID = (0.003, 0.01, 0.03, 0.1)
 QUICK_ADAM_GRID = (1e-3, 3e-3)
@@ -149,7 +149,8 @@ def make_step(run: dict[str, Any], params, example_batch, activation: str):
     est = jkfac.estimator(functools.partial(autoencoder.jkfac_objective, activation=activation),
                           params, example_batch, stats_fraction=run["stats_fraction"])
     tx = jkfac.kfac(est, learning_rate=run["learning_rate"], momentum=run["momentum"],
-                    damping=run["damping"], inverse_every=run["inverse_every"])
+                    damping=run["damping"], l2_reg=autoencoder.L2,
+                    inverse_every=run["inverse_every"])
 
     @jax.jit
     def step(params, state, batch, key):

@@ -170,7 +170,7 @@ def test_works_with_optax_wrappers(wrapper):
                      optax.sgd(0.1, momentum=0.9))
   elif wrapper == "inject":
     tx = optax.inject_hyperparams(jkfac.kfac, static_args=("est",))(
-        est=est, learning_rate=0.1, damping=1e-2)
+        est=est, learning_rate=0.1, momentum=0.9, damping=1e-2)
   else:
     tx = optax.MultiSteps(jkfac.kfac(est, 0.1, damping=1e-2), every_k_schedule=2)
 

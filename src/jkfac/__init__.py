@@ -1,18 +1,20 @@
 # Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
 """jkfac: K-FAC and KFC for JAX, as an optax transform."""
 
+from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model
 from jkfac.estimator import Estimator, Statistics, estimator
 from jkfac.losses import (register_bernoulli_predictive, register_categorical_predictive,
                           register_gaussian_predictive, sigmoid_cross_entropy,
                           softmax_cross_entropy, squared_error)
 from jkfac.tags import register_conv, register_dense, register_scale_and_shift
 from jkfac.tracing import Layer, Param
-from jkfac.transform import ScaleByKFACState, kfac, scale_by_kfac
+from jkfac.transform import KFACState, ScaleByKFACState, kfac, scale_by_kfac
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Estimator", "Layer", "Param", "ScaleByKFACState", "Statistics", "estimator", "kfac",
+    "Estimator", "KFACState", "Layer", "Param", "QuadraticModelState", "ScaleByKFACState",
+    "Statistics", "estimator", "kfac", "scale_by_quadratic_model",
     "register_bernoulli_predictive", "register_categorical_predictive", "register_conv",
     "register_dense", "register_gaussian_predictive", "register_scale_and_shift",
     "scale_by_kfac", "sigmoid_cross_entropy", "softmax_cross_entropy", "squared_error",

@@ -21,6 +21,7 @@ factors (`stats`), which `scale_by_kfac` averages over time and inverts.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any, Callable, Optional, Sequence
@@ -42,7 +43,10 @@ class Statistics:
   Attributes:
     factors: layer name -> that layer's factors for this batch.
     estimator_id: which estimator made them (static, checked by the transform).
-    extras: anything else a transform needs, keyed by name.
+    extras: anything else a transform needs, keyed by name:
+      `"curvature"`, a `jax.tree_util.Partial` taking a list of vectors
+      (pytrees shaped as the parameters) and returning their Gram matrix
+      `v_i^T F v_j` under the exact Fisher of the batch.
   """
 
   def __init__(self, factors: dict[str, dict[str, Array]], estimator_id: int,
@@ -140,7 +144,9 @@ class Estimator:
       factors[layer.name] = block.statistics(layer, captures)
     grads = jax.tree_util.tree_unflatten(self.params_tree, grads)
     value = (loss, aux) if self.has_aux else loss
-    return value, grads, Statistics(factors, self.id)
+    curvature = jax.tree_util.Partial(
+        functools.partial(self._curvature_gram, program), flat_params, flat_args)
+    return value, grads, Statistics(factors, self.id, {"curvature": curvature})
 
   def _forward(self, program: tracing.Program, flat_params: list[Array],
                flat_args: list[Array], with_grads: bool):
@@ -198,6 +204,46 @@ class Estimator:
       cots = [jnp.zeros((total,) + c.shape[1:], c.dtype).at[o:o + c.shape[0]].set(c)
               for c, o in zip(cots, offsets)]
     return cots
+
+  def _curvature_gram(self, program: tracing.Program,
+                      flat_params: list[Array], flat_args: list[Array],
+                      vectors: Sequence[Any]) -> Array:
+    """`M[i, j] = v_i^T F v_j` for the exact Fisher of this batch's mean loss.
+
+    F is the Fisher (equal to the generalised Gauss-Newton matrix for these
+    losses) of the registered predictive distributions, `J^T H J` averaged
+    over examples and weighted as the losses are: one linearisation of the
+    network's predictions, one forward-mode product per vector, never a
+    matrix formed (K-FAC section 7).
+
+    Args:
+      program: the traced program of this batch's shapes.
+      flat_params: the parameters' leaves.
+      flat_args: the batch's leaves.
+      vectors: pytrees with the parameters' structure.
+
+    Returns:
+      The Gram matrix, shape `(len(vectors), len(vectors))`, factor dtype.
+    """
+    def predictions(p):
+      result = interpret.run(program.plan, list(p) + list(flat_args), {})
+      return [result.predictions[l.id][0] for l in program.losses]
+
+    preds, linear = jax.linearize(predictions, list(flat_params))
+    tangents = []
+    for v in vectors:
+      leaves = self.check_params(v, "the curvature product's vector")
+      tangents.append(linear([t.astype(p.dtype) for t, p in zip(leaves, flat_params)]))
+    size = len(vectors)
+    gram = jnp.zeros((size, size), self.factor_dtype)
+    for index, (loss, pred) in enumerate(zip(program.losses, preds)):
+      dist = losses.DISTRIBUTIONS[loss.distribution]
+      scale = loss.weight / loss.num_examples
+      products = [dist.fisher_product(pred, t[index]) for t in tangents]
+      rows = [[jnp.vdot(t[index].astype(self.factor_dtype), h.astype(self.factor_dtype))
+               for h in products] for t in tangents]
+      gram = gram + scale * jnp.array(rows, self.factor_dtype)
+    return 0.5 * (gram + gram.T)
 
   def _squared_grads(self, program: tracing.Program, flat_params: list[Array],
                      flat_args: list[Array], args_tree: Any,

@@ -44,12 +44,16 @@ class Distribution:
     nll_grad: `(prediction, target) -> d(-log p(target|prediction))/dprediction`.
     fisher_sqrt: `prediction -> B`, shape `(columns, *prediction.shape)`, with
       `sum_k B[k] B[k]^T` the Fisher of the distribution for each example.
+    fisher_product: `(prediction, u) -> F u`, the distribution's Fisher
+      (the Hessian of the negative log-likelihood in its prediction) applied
+      to `u` of the prediction's shape, example by example.
   """
   name: str
   example_axes: int | None
   sample: Callable[[Array, Array], Array]
   nll_grad: Callable[[Array, Array], Array]
   fisher_sqrt: Callable[[Array], Array]
+  fisher_product: Callable[[Array, Array], Array]
 
   def num_examples(self, prediction_shape: tuple[int, ...]) -> int:
     """Returns how many terms the loss averages over."""
@@ -64,6 +68,12 @@ def _categorical_fisher_sqrt(logits: Array) -> Array:
   # Column k: sqrt(p_k) (e_k - p), so that sum_k col col^T = diag(p) - p p^T.
   cols = jnp.sqrt(probs)[..., None] * (eye - probs[..., None, :])
   return jnp.moveaxis(cols, -2, 0)
+
+
+def _categorical_fisher_product(logits: Array, u: Array) -> Array:
+  """`(diag(p) - p p^T) u` along the class axis."""
+  probs = jax.nn.softmax(_float(logits), axis=-1)
+  return probs * u - probs * jnp.sum(probs * u, axis=-1, keepdims=True)
 
 
 def _elementwise_fisher_sqrt(scale: Array) -> Array:
@@ -83,6 +93,7 @@ CATEGORICAL = Distribution(
         jax.nn.softmax(_float(logits), axis=-1)
         - jax.nn.one_hot(labels, logits.shape[-1], dtype=_float(logits).dtype)),
     fisher_sqrt=_categorical_fisher_sqrt,
+    fisher_product=lambda logits, u: _categorical_fisher_product(logits, u),
 )
 
 BERNOULLI = Distribution(
@@ -93,6 +104,8 @@ BERNOULLI = Distribution(
     nll_grad=lambda logits, targets: jax.nn.sigmoid(_float(logits)) - targets,
     fisher_sqrt=lambda logits: _elementwise_fisher_sqrt(jnp.sqrt(
         jax.nn.sigmoid(_float(logits)) * jax.nn.sigmoid(-_float(logits)))),
+    fisher_product=lambda logits, u: (
+        jax.nn.sigmoid(_float(logits)) * jax.nn.sigmoid(-_float(logits)) * u),
 )
 
 GAUSSIAN = Distribution(
@@ -102,6 +115,7 @@ GAUSSIAN = Distribution(
         key, mean.shape, _float(mean).dtype),
     nll_grad=lambda mean, targets: _float(mean) - targets,
     fisher_sqrt=lambda mean: _elementwise_fisher_sqrt(jnp.ones_like(_float(mean))),
+    fisher_product=lambda mean, u: u,
 )
 
 DISTRIBUTIONS = {d.name: d for d in (CATEGORICAL, BERNOULLI, GAUSSIAN)}

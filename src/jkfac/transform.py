@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from jkfac import blocks, linalg
+from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model, value_at
 from jkfac.estimator import Estimator, Statistics
 
 Array = jax.Array
@@ -41,10 +42,6 @@ class ScaleByKFACState(NamedTuple):
   inverses: dict[str, dict[str, Array]]
   damping: Array
   skipped: Array
-
-
-def _value(schedule: ScalarOrSchedule, count: Array) -> Array:
-  return schedule(count) if callable(schedule) else jnp.asarray(schedule)
 
 
 def _python_number(value: Any) -> Optional[float]:
@@ -113,7 +110,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     leaves = est.check_params(params, "scale_by_kfac.init(params)")
     traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
     factor_shapes = jax.eval_shape(lambda: _example_statistics(est))
-    damping0 = _value(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
+    damping0 = value_at(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
     inverse_shapes = jax.eval_shape(lambda f: _inverses(f, damping0), factor_shapes)
     return ScaleByKFACState(jnp.zeros([], jnp.int32), _zeros(factor_shapes, traced),
                             _zeros(inverse_shapes, traced), damping0,
@@ -136,7 +133,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     factors = jax.tree_util.tree_map(
         lambda old, new: jnp.where(finite, epsilon * old + (1.0 - epsilon) * new, old),
         state.factors, batch)
-    lam = _value(damping, state.count).astype(est.factor_dtype)
+    lam = value_at(damping, state.count).astype(est.factor_dtype)
     refresh = (state.count % inverse_every == 0) | (state.count < inverse_warmup)
 
     def recompute(_):
@@ -201,22 +198,43 @@ def _check_stats(stats: Any, est: Estimator) -> None:
         "estimator you call in the training step: jkfac.kfac(est, ...).")
 
 
-def kfac(est: Estimator, learning_rate: ScalarOrSchedule, momentum: float = 0.9,
-         damping: ScalarOrSchedule = 1e-3, *, nesterov: bool = False,
-         decay: float = 0.95, inverse_every: int = 20, inverse_warmup: int = 3,
+class KFACState(NamedTuple):
+  """State of `kfac` with a learning rate or momentum from the quadratic model.
+
+  Attributes:
+    preconditioner: the `scale_by_kfac` state.
+    quadratic_model: the `scale_by_quadratic_model` state (α, μ and the
+      predicted change of the last update, for logging).
+  """
+  preconditioner: ScaleByKFACState
+  quadratic_model: QuadraticModelState
+
+
+def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
+         momentum: Optional[ScalarOrSchedule] = None, damping: ScalarOrSchedule = 1e-3, *,
+         nesterov: bool = False, l2_reg: float = 0.0, decay: float = 0.95,
+         inverse_every: int = 20, inverse_warmup: int = 3,
          structure: str = "block_diagonal",
          axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """K-FAC: the preconditioner, then momentum and the learning rate.
 
+  With both `learning_rate` and `momentum` given, this is
   `optax.chain(scale_by_kfac(...), optax.trace(momentum), scale(-learning_rate))`.
+  With either left as None (the default), it is chosen at every step by
+  minimising the quadratic model of the loss over the K-FAC direction and the
+  previous update (Martens & Grosse, section 7; see `scale_by_quadratic_model`),
+  at the cost of one linearisation and two forward-mode products per step.
   Use it as any optax optimizer, passing `stats=` to `update`.
 
   Args:
     est: the estimator.
-    learning_rate: a float or an optax schedule.
-    momentum: heavy-ball momentum on the preconditioned gradient (0 for none).
+    learning_rate: a float or an optax schedule; None: from the quadratic model.
+    momentum: heavy-ball momentum (a float, 0 for none, or a schedule); None:
+      from the quadratic model.
     damping: λ, a float or a schedule (see `scale_by_kfac`).
-    nesterov: use Nesterov momentum.
+    nesterov: use Nesterov momentum (fixed learning rate and momentum only).
+    l2_reg: η, the coefficient of an L2 term `η/2 |θ|²` already in the loss;
+      added to the damping, as in the paper's `γ = sqrt(λ + η)`.
     decay: factor moving-average decay (see `scale_by_kfac`).
     inverse_every: inverse refresh period, in updates.
     inverse_warmup: refresh at every one of the first this many updates.
@@ -226,11 +244,32 @@ def kfac(est: Estimator, learning_rate: ScalarOrSchedule, momentum: float = 0.9,
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
-  number = _python_number(momentum)
+  number = _python_number(momentum) if momentum is not None else None
   if number is not None and number < 0:
     raise ValueError(f"momentum must be non-negative, got {momentum}.")
-  return optax.chain(
-      scale_by_kfac(est, damping=damping, decay=decay, inverse_every=inverse_every,
-                    inverse_warmup=inverse_warmup, structure=structure, axis_name=axis_name),
-      optax.trace(decay=momentum, nesterov=nesterov) if number != 0 else optax.identity(),
-      optax.scale_by_learning_rate(learning_rate))
+  l2_number = _python_number(l2_reg)
+  if l2_number is not None and l2_number < 0:
+    raise ValueError(f"l2_reg must be non-negative, got {l2_reg}.")
+  total_damping = ((lambda count: value_at(damping, count) + l2_reg) if callable(damping)
+                   else damping + l2_reg)
+  preconditioner = scale_by_kfac(est, damping=total_damping, decay=decay,
+                                 inverse_every=inverse_every, inverse_warmup=inverse_warmup,
+                                 structure=structure, axis_name=axis_name)
+  if learning_rate is not None and momentum is not None:
+    return optax.chain(
+        preconditioner,
+        optax.trace(decay=momentum, nesterov=nesterov) if number != 0 else optax.identity(),
+        optax.scale_by_learning_rate(learning_rate))
+  model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum)
+
+  def init_fn(params: Any) -> KFACState:
+    return KFACState(preconditioner.init(params), model.init(params))
+
+  def update_fn(grads: Any, state: KFACState, params: Any = None, *,
+                stats: Optional[Statistics] = None, **extra_args):
+    direction, first = preconditioner.update(grads, state.preconditioner, params, stats=stats)
+    step, second = model.update(direction, state.quadratic_model, params, stats=stats,
+                                grads=grads, count=state.preconditioner.count)
+    return step, KFACState(first, second)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,146 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""Learning rate and momentum from the quadratic model (K-FAC section 7).
+
+With `Δ = -F̆^{-1} ∇h` the K-FAC direction and `δ0` the previous update, the
+step is `δ = α Δ + μ δ0` with `(α, μ)` minimising the quadratic model
+
+    M(δ) = ½ δ^T (F + (λ + η) I) δ + ∇h^T δ
+
+over the plane they span, `F` the exact Fisher of the current mini-batch
+(products from `stats.extras["curvature"]`, never a matrix). On the first step
+(`δ0 = 0`) μ = 0 and `α = -∇h^T Δ / (Δ^T F Δ + (λ + η)|Δ|²)`. Either can be
+fixed instead, and the other is then chosen alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jkfac.estimator import Estimator, Statistics
+
+Array = jax.Array
+
+
+class QuadraticModelState(NamedTuple):
+  """State of `scale_by_quadratic_model`.
+
+  Attributes:
+    previous_update: `δ0`, the last update (the parameters' structure).
+    learning_rate: the α of the last update.
+    momentum: the μ of the last update.
+    predicted_change: `M(δ) - M(0)` of the last update (negative).
+  """
+  previous_update: Any
+  learning_rate: Array
+  momentum: Array
+  predicted_change: Array
+
+
+def _dot(a: Any, b: Any, dtype) -> Array:
+  return sum(jnp.vdot(x.astype(dtype), y.astype(dtype))
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def solve_coefficients(curvature: Array, grad_dots: Array,
+                       learning_rate: Optional[Array] = None,
+                       momentum: Optional[Array] = None) -> tuple[Array, Array]:
+  """Minimises `½ c^T C c + g^T c` over `c = (α, μ)` (or one of them).
+
+  Args:
+    curvature: `C`, 2x2, `[[Δ^T K Δ, Δ^T K δ0], [., δ0^T K δ0]]` with
+      `K = F + (λ + η) I`.
+    grad_dots: `g = (∇h^T Δ, ∇h^T δ0)`.
+    learning_rate: a fixed α, or None to choose it.
+    momentum: a fixed μ, or None to choose it.
+
+  Returns:
+    `(α, μ)`; μ = 0 when `δ0 = 0`, and both 0 if the model is degenerate
+    or not finite (no step rather than a wild one).
+  """
+  c00, c01, c11 = curvature[0, 0], curvature[0, 1], curvature[1, 1]
+  g0, g1 = grad_dots[0], grad_dots[1]
+  tiny = jnp.finfo(curvature.dtype).tiny
+  has_previous = c11 > tiny
+  if learning_rate is None and momentum is None:
+    det = c00 * c11 - c01 * c01
+    plane = has_previous & (det > 1e-6 * c00 * c11)
+    safe_det = jnp.where(plane, det, 1.0)
+    alpha = jnp.where(plane, (c01 * g1 - c11 * g0) / safe_det, -g0 / c00)
+    mu = jnp.where(plane, (c01 * g0 - c00 * g1) / safe_det, 0.0)
+  elif learning_rate is None:
+    mu = jnp.where(has_previous, momentum, 0.0)
+    alpha = -(g0 + mu * c01) / c00
+  elif momentum is None:
+    alpha = jnp.asarray(learning_rate, curvature.dtype)
+    mu = jnp.where(has_previous, -(g1 + alpha * c01) / jnp.where(has_previous, c11, 1.0), 0.0)
+  else:
+    alpha, mu = jnp.asarray(learning_rate, curvature.dtype), jnp.asarray(momentum,
+                                                                        curvature.dtype)
+  ok = jnp.isfinite(alpha) & jnp.isfinite(mu)
+  return jnp.where(ok, alpha, 0.0), jnp.where(ok, mu, 0.0)
+
+
+def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
+                             learning_rate: Optional[Any] = None,
+                             momentum: Optional[Any] = None
+                             ) -> optax.GradientTransformationExtraArgs:
+  """Turns preconditioned gradients into steps `α Δ + μ δ0` (section 7).
+
+  Place it right after `scale_by_kfac`, whose output `F̆^{-1} ∇h` it takes;
+  it also needs the raw gradient, which it reads from `grads=` (passed on by
+  `jkfac.kfac`), and the batch's curvature products from `stats`.
+
+  Args:
+    est: the estimator.
+    damping: λ, a float or a schedule of the update count.
+    l2_reg: η, the L2 coefficient already in the loss (its Hessian ηI is not
+      in the Fisher, so it is added to the model's damping).
+    learning_rate: a fixed α (float or schedule), or None to choose it.
+    momentum: a fixed μ (float or schedule), or None to choose it.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose updates are the steps
+    to add to the parameters.
+  """
+
+  def init_fn(params: Any) -> QuadraticModelState:
+    zero = jnp.zeros([], est.factor_dtype)
+    return QuadraticModelState(jax.tree_util.tree_map(jnp.zeros_like, params), zero, zero, zero)
+
+  def update_fn(updates: Any, state: QuadraticModelState, params: Any = None, *,
+                stats: Optional[Statistics] = None, grads: Any = None, count: Any = None,
+                **unused_extra_args):
+    if stats is None or grads is None:
+      raise ValueError("scale_by_quadratic_model needs stats= (from the estimator) and "
+                       "grads= (the raw gradient); use it through jkfac.kfac.")
+    dtype = est.factor_dtype
+    direction = jax.tree_util.tree_map(lambda u: -u, updates)
+    previous = state.previous_update
+    step_count = jnp.zeros([], jnp.int32) if count is None else count
+    lam = value_at(damping, step_count).astype(dtype) + l2_reg
+    gram = stats.extras["curvature"]([direction, previous])
+    dots = jnp.array([[_dot(direction, direction, dtype), _dot(direction, previous, dtype)],
+                      [_dot(direction, previous, dtype), _dot(previous, previous, dtype)]])
+    curvature = gram + lam * dots
+    grad_dots = jnp.stack([_dot(grads, direction, dtype), _dot(grads, previous, dtype)])
+    alpha, mu = solve_coefficients(
+        curvature, grad_dots,
+        None if learning_rate is None else value_at(learning_rate, step_count),
+        None if momentum is None else value_at(momentum, step_count))
+    step = jax.tree_util.tree_map(
+        lambda d, p: (alpha * d.astype(dtype) + mu * p.astype(dtype)).astype(d.dtype),
+        direction, previous)
+    coefficients = jnp.stack([alpha, mu])
+    change = 0.5 * coefficients @ curvature @ coefficients + coefficients @ grad_dots
+    return step, QuadraticModelState(step, alpha, mu, change)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def value_at(schedule: Any, count: Array) -> Array:
+  """A hyperparameter's value at an update count (an optax schedule or a number)."""
+  return schedule(count) if callable(schedule) else jnp.asarray(schedule)

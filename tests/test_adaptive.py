@@ -1,0 +1,124 @@
+"""Curvature products and the quadratic-model learning rate and momentum."""
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import brute_force as bf
+import jkfac
+from jkfac import adaptive
+
+KEY = jax.random.PRNGKey(0)
+SIZES = (3, 5, 4)
+
+
+def _exact_fisher(params, x, distribution):
+  """F = mean_n J_n^T H_n J_n over the flattened parameters, densely."""
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  total = 0.0
+  for n in range(x.shape[0]):
+    jac = jax.jacobian(lambda f: bf.mlp_forward(unravel(f), x[n:n + 1])[0])(flat)
+    z = bf.mlp_forward(params, x[n:n + 1])[0]
+    total = total + jac.T @ bf.output_fisher(distribution, z) @ jac
+  return total / x.shape[0], unravel
+
+
+@pytest.mark.parametrize("distribution", ["categorical", "bernoulli", "gaussian"])
+def test_curvature_products_equal_the_dense_exact_fisher(distribution):
+  params = bf.mlp_params(KEY, SIZES)
+  x, labels = bf.classification_data(7, SIZES[0], SIZES[-1])
+  losses = {
+      "categorical": (bf.ce_loss, labels),
+      "bernoulli": (lambda p, x, t: jkfac.sigmoid_cross_entropy(bf.mlp_forward(p, x), t),
+                    jax.nn.one_hot(labels, SIZES[-1], dtype=jnp.float64)),
+      "gaussian": (lambda p, x, t: jkfac.squared_error(bf.mlp_forward(p, x), t),
+                   jnp.zeros((7, SIZES[-1]), jnp.float64)),
+  }
+  loss_fn, targets = losses[distribution]
+  est = jkfac.estimator(loss_fn, params, x, targets)
+  _, _, stats = est(params, x, targets, rng=KEY)
+  fisher, unravel = _exact_fisher(params, x, distribution)
+  vectors = [unravel(jax.random.normal(jax.random.PRNGKey(i), (fisher.shape[0],), jnp.float64))
+             for i in range(3)]
+  gram = stats.extras["curvature"](vectors)
+  flat = jnp.stack([jax.flatten_util.ravel_pytree(v)[0] for v in vectors])
+  np.testing.assert_allclose(gram, flat @ fisher @ flat.T, rtol=1e-10, atol=1e-12)
+
+
+def test_two_dimensional_solve_matches_brute_force():
+  key1, key2 = jax.random.split(KEY)
+  m = jax.random.normal(key1, (2, 2), jnp.float64)
+  curvature = m @ m.T + 0.1 * jnp.eye(2)
+  grad_dots = jax.random.normal(key2, (2,), jnp.float64)
+  alpha, mu = adaptive.solve_coefficients(curvature, grad_dots)
+  grid = jnp.linspace(-20, 20, 2001)
+  a, b = jnp.meshgrid(grid, grid, indexing="ij")
+  model = 0.5 * (curvature[0, 0] * a ** 2 + 2 * curvature[0, 1] * a * b
+                 + curvature[1, 1] * b ** 2) + grad_dots[0] * a + grad_dots[1] * b
+  best = jnp.unravel_index(jnp.argmin(model), model.shape)
+  np.testing.assert_allclose([alpha, mu], [grid[best[0]], grid[best[1]]], atol=0.03)
+  np.testing.assert_allclose(
+      [alpha, mu], jnp.linalg.solve(curvature, -grad_dots), rtol=1e-10)
+  # One of them fixed: the other minimises the model along its line.
+  alpha_only, mu_fixed = adaptive.solve_coefficients(curvature, grad_dots, momentum=0.5)
+  assert mu_fixed == 0.5
+  np.testing.assert_allclose(alpha_only, -(grad_dots[0] + 0.5 * curvature[0, 1]) / curvature[0, 0])
+  # No previous update: momentum 0, the one-dimensional rule.
+  first = curvature.at[1, :].set(0.0).at[:, 1].set(0.0)
+  alpha1, mu1 = adaptive.solve_coefficients(first, grad_dots)
+  assert mu1 == 0.0
+  np.testing.assert_allclose(alpha1, -grad_dots[0] / curvature[0, 0])
+
+
+def _regression():
+  kx, kw = jax.random.split(KEY)
+  x = jax.random.normal(kx, (50, 4), jnp.float64) * jnp.array([1.0, 2.0, 0.3, 1.0]) + 0.5
+  t = x @ jax.random.normal(kw, (4, 2), jnp.float64) + 0.1
+  params = {"l0": {"w": jnp.zeros((4, 2), jnp.float64), "b": jnp.zeros(2, jnp.float64)}}
+  loss_fn = lambda p, x, t: jkfac.squared_error(x @ p["l0"]["w"] + p["l0"]["b"], t)
+  return params, x, t, loss_fn
+
+
+def test_adaptive_learning_rate_is_one_on_linear_regression():
+  params, x, t, loss_fn = _regression()
+  est = jkfac.estimator(loss_fn, params, x, t, mode="exact")
+  tx = jkfac.kfac(est, damping=1e-20)
+  state = tx.init(params)
+  _, grads, stats = est(params, x, t)
+  updates, state = tx.update(grads, state, params, stats=stats)
+  np.testing.assert_allclose(state.quadratic_model.learning_rate, 1.0, rtol=1e-6)
+  assert state.quadratic_model.momentum == 0.0
+  new = optax.apply_updates(params, updates)
+  # The quadratic model is exact here: its predicted change is the real one.
+  np.testing.assert_allclose(loss_fn(new, x, t) - loss_fn(params, x, t),
+                             state.quadratic_model.predicted_change, rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(loss_fn)(new, x, t)["l0"]["w"], 0.0, atol=1e-8)
+
+
+def test_adaptive_kfac_trains_and_compiles_once():
+  params = bf.mlp_params(KEY, SIZES, dtype=jnp.float32)
+  x, y = bf.classification_data(32, SIZES[0], SIZES[-1])
+  x = x.astype(jnp.float32)
+  est = jkfac.estimator(bf.ce_loss, params, x, y)
+  tx = jkfac.kfac(est, damping=1e-2, inverse_every=3)
+  traces = []
+
+  @jax.jit
+  def train_step(params, state, key):
+    traces.append(1)
+    loss, grads, stats = est(params, x, y, rng=key)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state, loss
+
+  state = tx.init(params)
+  losses = []
+  for i in range(15):
+    params, state, loss = train_step(params, state, jax.random.PRNGKey(i))
+    losses.append(float(loss))
+  assert len(traces) == 1
+  assert losses[-1] < 0.5 * losses[0]
+  assert float(state.quadratic_model.learning_rate) > 0
+  assert float(state.quadratic_model.predicted_change) < 0
