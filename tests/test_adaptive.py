@@ -122,3 +122,32 @@ def test_adaptive_kfac_trains_and_compiles_once():
   assert losses[-1] < 0.5 * losses[0]
   assert float(state.quadratic_model.learning_rate) > 0
   assert float(state.quadratic_model.predicted_change) < 0
+
+
+def _run(loss_fn, params, args, steps, **kwargs):
+  est = jkfac.estimator(loss_fn, params, *args, mode="exact")
+  tx = jkfac.kfac(est, damping_interval=1, inverse_every=1, **kwargs)
+  state = tx.init(params)
+  history = []
+  for _ in range(steps):
+    _, grads, stats = est(params, *args)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    params = optax.apply_updates(params, updates)
+    history.append((float(state.damping), float(state.reduction_ratio)))
+  return history
+
+
+def test_damping_falls_when_the_quadratic_model_is_good():
+  params, x, t, loss_fn = _regression()
+  history = _run(loss_fn, params, (x, t), 3, damping=1.0)
+  assert all(rho > 0.75 for _, rho in history)
+  assert history[-1][0] < history[0][0] < 1.0
+
+
+def test_damping_rises_when_steps_are_too_long():
+  params = bf.mlp_params(KEY, (3, 8, 4), scale=3.0)
+  x, y = bf.classification_data(40, 3, 4)
+  x = 3.0 * x
+  history = _run(bf.ce_loss, params, (x, y), 6, damping=1e-6)
+  assert any(rho < 0.25 for _, rho in history)
+  assert history[-1][0] > 1e-6

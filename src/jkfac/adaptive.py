@@ -92,7 +92,8 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
 
   Place it right after `scale_by_kfac`, whose output `F̆^{-1} ∇h` it takes;
   it also needs the raw gradient, which it reads from `grads=` (passed on by
-  `jkfac.kfac`), and the batch's curvature products from `stats`.
+  `jkfac.kfac`), and the batch's curvature products from `stats`. `count=`
+  (for schedules) and `damping_now=` (overriding `damping`) are optional.
 
   Args:
     est: the estimator.
@@ -113,7 +114,7 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
 
   def update_fn(updates: Any, state: QuadraticModelState, params: Any = None, *,
                 stats: Optional[Statistics] = None, grads: Any = None, count: Any = None,
-                **unused_extra_args):
+                damping_now: Any = None, **unused_extra_args):
     if stats is None or grads is None:
       raise ValueError("scale_by_quadratic_model needs stats= (from the estimator) and "
                        "grads= (the raw gradient); use it through jkfac.kfac.")
@@ -121,7 +122,8 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
     direction = jax.tree_util.tree_map(lambda u: -u, updates)
     previous = state.previous_update
     step_count = jnp.zeros([], jnp.int32) if count is None else count
-    lam = value_at(damping, step_count).astype(dtype) + l2_reg
+    lam = value_at(damping if damping_now is None else damping_now,
+                   step_count).astype(dtype) + l2_reg
     gram = stats.extras["curvature"]([direction, previous])
     dots = jnp.array([[_dot(direction, direction, dtype), _dot(direction, previous, dtype)],
                       [_dot(direction, previous, dtype), _dot(previous, previous, dtype)]])

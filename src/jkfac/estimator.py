@@ -46,7 +46,9 @@ class Statistics:
     extras: anything else a transform needs, keyed by name:
       `"curvature"`, a `jax.tree_util.Partial` taking a list of vectors
       (pytrees shaped as the parameters) and returning their Gram matrix
-      `v_i^T F v_j` under the exact Fisher of the batch.
+      `v_i^T F v_j` under the exact Fisher of the batch (of its first
+      `stats_fraction`, like the factors); `"loss"`, the batch's loss; and
+      `"loss_at"`, a `Partial` giving the batch's loss at other parameters.
   """
 
   def __init__(self, factors: dict[str, dict[str, Array]], estimator_id: int,
@@ -144,9 +146,20 @@ class Estimator:
       factors[layer.name] = block.statistics(layer, captures)
     grads = jax.tree_util.tree_unflatten(self.params_tree, grads)
     value = (loss, aux) if self.has_aux else loss
-    curvature = jax.tree_util.Partial(
-        functools.partial(self._curvature_gram, program), flat_params, flat_args)
-    return value, grads, Statistics(factors, self.id, {"curvature": curvature})
+    extras = {
+        "curvature": jax.tree_util.Partial(  # on the statistics' examples
+            functools.partial(self._curvature_gram, stats_program), flat_params, stats_args),
+        "loss": jax.lax.stop_gradient(loss),
+        "loss_at": jax.tree_util.Partial(functools.partial(self._loss_at, program), flat_args),
+    }
+    return value, grads, Statistics(factors, self.id, extras)
+
+  def _loss_at(self, program: tracing.Program, flat_args: list[Array], params: Any) -> Array:
+    """The loss of this batch at other parameters (one forward pass)."""
+    flat_params = self.check_params(params, "the loss at new parameters")
+    result = interpret.run(program.plan, list(flat_params) + list(flat_args), {})
+    out = jax.tree_util.tree_unflatten(program.out_tree, result.outputs)
+    return out[0] if self.has_aux else out
 
   def _forward(self, program: tracing.Program, flat_params: list[Array],
                flat_args: list[Array], with_grads: bool):

@@ -78,7 +78,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
   learning rate, momentum or clipping: chain those (or use `kfac`).
 
   `update(grads, state, params, *, stats)` takes the `stats` returned by the
-  estimator with the same batch.
+  estimator with the same batch; an optional `damping_now=` overrides the
+  damping (`kfac` passes its Levenberg-Marquardt λ this way).
 
   Args:
     est: the estimator (`jkfac.estimator`) whose statistics this consumes.
@@ -121,7 +122,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
             for layer in layers}
 
   def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,
-                stats: Optional[Statistics] = None, **unused_extra_args):
+                stats: Optional[Statistics] = None, damping_now: Optional[Array] = None,
+                **unused_extra_args):
     _check_stats(stats, est)
     flat_grads = est.check_params(updates, "scale_by_kfac.update(grads, ...)")
     batch = stats.factors
@@ -133,7 +135,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     factors = jax.tree_util.tree_map(
         lambda old, new: jnp.where(finite, epsilon * old + (1.0 - epsilon) * new, old),
         state.factors, batch)
-    lam = value_at(damping, state.count).astype(est.factor_dtype)
+    lam = value_at(damping if damping_now is None else damping_now,
+                   state.count).astype(est.factor_dtype)
     refresh = (state.count % inverse_every == 0) | (state.count < inverse_warmup)
 
     def recompute(_):
@@ -205,13 +208,18 @@ class KFACState(NamedTuple):
     preconditioner: the `scale_by_kfac` state.
     quadratic_model: the `scale_by_quadratic_model` state (α, μ and the
       predicted change of the last update, for logging).
+    damping: the λ in use (adapted by the Levenberg-Marquardt rule).
+    reduction_ratio: the last ρ (NaN until one is measured).
   """
   preconditioner: ScaleByKFACState
   quadratic_model: QuadraticModelState
+  damping: Array
+  reduction_ratio: Array
 
 
 def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
-         momentum: Optional[ScalarOrSchedule] = None, damping: ScalarOrSchedule = 1e-3, *,
+         momentum: Optional[ScalarOrSchedule] = None, damping: ScalarOrSchedule = 1.0, *,
+         adapt_damping: bool = True, damping_interval: int = 5,
          nesterov: bool = False, l2_reg: float = 0.0, decay: float = 0.95,
          inverse_every: int = 20, inverse_warmup: int = 3,
          structure: str = "block_diagonal",
@@ -219,19 +227,27 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   """K-FAC: the preconditioner, then momentum and the learning rate.
 
   With both `learning_rate` and `momentum` given, this is
-  `optax.chain(scale_by_kfac(...), optax.trace(momentum), scale(-learning_rate))`.
-  With either left as None (the default), it is chosen at every step by
-  minimising the quadratic model of the loss over the K-FAC direction and the
-  previous update (Martens & Grosse, section 7; see `scale_by_quadratic_model`),
-  at the cost of one linearisation and two forward-mode products per step.
-  Use it as any optax optimizer, passing `stats=` to `update`.
+  `optax.chain(scale_by_kfac(...), optax.trace(momentum), scale(-learning_rate))`
+  with the given damping. With either left as None (the default), it is
+  chosen at every step by minimising the quadratic model of the loss over the
+  K-FAC direction and the previous update (Martens & Grosse, section 7; see
+  `scale_by_quadratic_model`), and, with `adapt_damping`, λ follows the
+  Levenberg-Marquardt rule (section 6.5): every `damping_interval` steps the
+  reduction ratio `ρ = (h(θ + δ) - h(θ)) / (M(δ) - M(0))` is measured (one
+  extra forward pass) and λ is divided by `ω = (19/20)^damping_interval` if
+  `ρ < 1/4`, multiplied by it if `ρ > 3/4`. Use it as any optax optimizer,
+  passing `stats=` to `update`.
 
   Args:
     est: the estimator.
     learning_rate: a float or an optax schedule; None: from the quadratic model.
     momentum: heavy-ball momentum (a float, 0 for none, or a schedule); None:
       from the quadratic model.
-    damping: λ, a float or a schedule (see `scale_by_kfac`).
+    damping: λ: a float or a schedule; with the quadratic model and
+      `adapt_damping`, a float, the initial value of the adapted λ.
+    adapt_damping: adapt λ by the Levenberg-Marquardt rule (quadratic-model
+      mode only).
+    damping_interval: T1, the steps between two adaptations of λ.
     nesterov: use Nesterov momentum (fixed learning rate and momentum only).
     l2_reg: η, the coefficient of an L2 term `η/2 |θ|²` already in the loss;
       added to the damping, as in the paper's `γ = sqrt(λ + η)`.
@@ -250,9 +266,12 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   l2_number = _python_number(l2_reg)
   if l2_number is not None and l2_number < 0:
     raise ValueError(f"l2_reg must be non-negative, got {l2_reg}.")
-  total_damping = ((lambda count: value_at(damping, count) + l2_reg) if callable(damping)
-                   else damping + l2_reg)
-  preconditioner = scale_by_kfac(est, damping=total_damping, decay=decay,
+  interval = _python_number(damping_interval)
+  if interval is not None and (interval < 1 or interval != int(interval)):
+    raise ValueError(f"damping_interval must be a positive integer, got {damping_interval}.")
+  with_l2 = lambda lam: ((lambda count: value_at(lam, count) + l2_reg) if callable(lam)
+                         else lam + l2_reg)
+  preconditioner = scale_by_kfac(est, damping=with_l2(damping), decay=decay,
                                  inverse_every=inverse_every, inverse_warmup=inverse_warmup,
                                  structure=structure, axis_name=axis_name)
   if learning_rate is not None and momentum is not None:
@@ -260,16 +279,40 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
         preconditioner,
         optax.trace(decay=momentum, nesterov=nesterov) if number != 0 else optax.identity(),
         optax.scale_by_learning_rate(learning_rate))
+  adapting = adapt_damping and not callable(damping)
   model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum)
+  omega = (19.0 / 20.0) ** damping_interval
 
   def init_fn(params: Any) -> KFACState:
-    return KFACState(preconditioner.init(params), model.init(params))
+    lam = value_at(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
+    return KFACState(preconditioner.init(params), model.init(params), lam,
+                     jnp.full([], jnp.nan, est.factor_dtype))
 
   def update_fn(grads: Any, state: KFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, **extra_args):
-    direction, first = preconditioner.update(grads, state.preconditioner, params, stats=stats)
+    lam = state.damping if adapting else None
+    count = state.preconditioner.count
+    direction, first = preconditioner.update(
+        grads, state.preconditioner, params, stats=stats,
+        damping_now=None if lam is None else lam + l2_reg)
     step, second = model.update(direction, state.quadratic_model, params, stats=stats,
-                                grads=grads, count=state.preconditioner.count)
-    return step, KFACState(first, second)
+                                grads=grads, count=count, damping_now=lam)
+    if not adapting:
+      return step, KFACState(first, second, state.damping, state.reduction_ratio)
+
+    def measure(_):
+      new_loss = stats.extras["loss_at"](optax.apply_updates(params, step))
+      change = (new_loss - stats.extras["loss"]).astype(est.factor_dtype)
+      return change / second.predicted_change
+
+    rho = jax.lax.cond((count + 1) % damping_interval == 0, measure,
+                       lambda _: jnp.full([], jnp.nan, est.factor_dtype), None)
+    new_lam = jnp.where(rho < 0.25, lam / omega, jnp.where(rho > 0.75, lam * omega, lam))
+    new_lam = jnp.clip(jnp.where(jnp.isfinite(rho), new_lam, lam), _MIN_DAMPING, _MAX_DAMPING)
+    return step, KFACState(first, second, new_lam.astype(lam.dtype),
+                           jnp.where(jnp.isfinite(rho), rho, state.reduction_ratio))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_MIN_DAMPING, _MAX_DAMPING = 1e-8, 1e8
