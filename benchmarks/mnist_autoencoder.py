@@ -38,13 +38,20 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
 
-# jkfac's settings for this benchmark: learning rate and momentum from the
-# quadratic model (K-FAC section 7), fixed damping.
-JKFAC = dict(learning_rate=None, momentum=None, damping=1.0, inverse_every=20)
-ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
-SGD_GRID = (0.003, 0.01, 0.03, 0.1)
-QUICK_ADAM_GRID = (1e-3, 3e-3)
-QUICK_SGD_GRID = (0.03,)
+# jkfac: learning rate and momentum from the quadratic model, Levenberg-
+# Marquardt damping (K-FAC sections 6-7), statistics on 1/8 of each batch.
+JKFAC = dict(learning_rate=None, momentum=None, damping=1.0, inverse_every=20,
+             stats_fraction=0.125)
+# Fixed learning rate, momentum and damping, inverses every 20 steps: the
+# settings at which jkfac's and kfac-jax's step times are compared.
+FIXED = dict(learning_rate=0.1, momentum=0.9, damping=10.0, inverse_every=20)
+ADAM_GRID = (3e-4, 1e-3, 3e-3)
+SGD_GRID = (0.01, 0.03, 0.1)
+QUICK_ADAM_GRID = (1e-3,)
+QUICK_SGD_GRID = (0.01,)
+ALL = ("jkfac", "jkfac_fixed", "jkfac_fixed_eighth", "adam", "sgd",
+       "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats")
+QUICK = ("jkfac", "adam", "sgd", "kfac_jax")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,10 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="training examples in the fixed evaluation subset")
   parser.add_argument("--eval-every", type=int, default=None)
   parser.add_argument("--activation", choices=("tanh", "sigmoid"), default="tanh")
-  parser.add_argument("--stats-fraction", type=float, default=1.0,
-                      help="fraction of each batch for jkfac's curvature statistics")
-  parser.add_argument("--optimizers", default="all",
-                      help="comma-separated subset of: jkfac,adam,sgd,kfac_jax,kfac_jax_fixed")
+  parser.add_argument("--fixed-steps", type=int, default=200,
+                      help="steps of the fixed-settings runs (they are there for step times)")
+  parser.add_argument("--optimizers", default=None,
+                      help="comma-separated subset of: " + ",".join(ALL))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data-dir", default=None, help="MNIST directory (else JKFAC_DATA_DIR, "
                       "../shared/data, the cache)")
@@ -83,11 +90,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- the runs --------------------------------------------------------------
 
 def planned_runs(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, Any]]:
-  wanted = set(args.optimizers.split(",")) if args.optimizers != "all" else {
-      "jkfac", "adam", "sgd", "kfac_jax", "kfac_jax_fixed"}
+  wanted = set(args.optimizers.split(",")) if args.optimizers else set(
+      QUICK if args.quick else ALL)
+  unknown = wanted - set(ALL)
+  if unknown:
+    raise SystemExit(f"unknown optimizers {sorted(unknown)}; choose from {', '.join(ALL)}")
+  fixed = dict(steps=args.fixed_steps, **FIXED)
   runs = []
   if "jkfac" in wanted:
-    runs.append(dict(name="jkfac", kind="jkfac", stats_fraction=args.stats_fraction, **JKFAC))
+    runs.append(dict(name="jkfac", kind="jkfac", **JKFAC))
+  if "jkfac_full_stats" in wanted:
+    runs.append(dict(name="jkfac full-batch stats", kind="jkfac", **dict(JKFAC, stats_fraction=1.0)))
+  if "jkfac_fixed" in wanted:
+    runs.append(dict(name="jkfac fixed", kind="jkfac", stats_fraction=1.0, **fixed))
+  if "jkfac_fixed_eighth" in wanted:
+    runs.append(dict(name="jkfac fixed, stats 1/8", kind="jkfac", stats_fraction=0.125, **fixed))
   if "adam" in wanted:
     runs += [dict(name=f"adam lr={lr:g}", kind="adam", group="adam", learning_rate=lr)
              for lr in (QUICK_ADAM_GRID if args.quick else ADAM_GRID)]
@@ -96,10 +113,8 @@ def planned_runs(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, 
                   momentum=0.9) for lr in (QUICK_SGD_GRID if args.quick else SGD_GRID)]
   if kfac_jax_ok and "kfac_jax" in wanted:
     runs.append(dict(name="kfac-jax adaptive", kind="kfac_jax", adaptive=True, inverse_every=5))
-  if kfac_jax_ok and "kfac_jax_fixed" in wanted and not args.quick:
-    runs.append(dict(name="kfac-jax fixed", kind="kfac_jax", adaptive=False,
-                     learning_rate=JKFAC["learning_rate"], momentum=JKFAC["momentum"],
-                     damping=JKFAC["damping"], inverse_every=20))
+  if kfac_jax_ok and "kfac_jax_fixed" in wanted:
+    runs.append(dict(name="kfac-jax fixed", kind="kfac_jax", adaptive=False, **fixed))
   return runs
 
 
@@ -151,6 +166,7 @@ def make_step(run: dict[str, Any], params, example_batch, activation: str):
     tx = jkfac.kfac(est, learning_rate=run["learning_rate"], momentum=run["momentum"],
                     damping=run["damping"], l2_reg=autoencoder.L2,
                     inverse_every=run["inverse_every"])
+    run["optimizer_args"] = "jkfac.kfac(est, learning_rate={learning_rate}, momentum={momentum}, damping={damping}, l2_reg={l2}, inverse_every={inverse_every}); estimator stats_fraction={stats_fraction}".format(l2=autoencoder.L2, **run)
 
     @jax.jit
     def step(params, state, batch, key):
@@ -194,7 +210,8 @@ def train(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
   record = dict(run, steps=[], loss=[], seconds=[], step_times=[])
   elapsed = 0.0
   key = jax.random.PRNGKey(args.seed + 1)
-  bar = tqdm(range(args.steps), desc=f"{run['name']:>22}", leave=True, ncols=100,
+  total = min(run.get("steps", args.steps), args.steps)
+  bar = tqdm(range(total), desc=f"{run['name']:>24}", leave=True, ncols=100,
              file=sys.stderr, mininterval=1.0)
   for k in bar:
     batch = jnp.asarray(images[batches[k]])
@@ -204,7 +221,7 @@ def train(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     loss = float(jax.block_until_ready(loss))
     elapsed += time.perf_counter() - start
     record["step_times"].append(time.perf_counter() - start)
-    if k % args.eval_every == 0 or k == args.steps - 1:
+    if k == 0 or (k + 1) % args.eval_every == 0 or k == total - 1:
       value = float(evaluate(params))
       record["steps"].append(k + 1)
       record["loss"].append(value)
@@ -220,7 +237,7 @@ def train(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
       final_loss=record["loss"][-1],
       state_bytes=state_bytes(state),
       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      batch_sizes=sorted(set(int(len(b)) for b in batches[:args.steps])))
+      batch_sizes=sorted(set(int(len(b)) for b in batches[:total])))
   return record
 
 
@@ -250,7 +267,7 @@ def machine() -> dict[str, Any]:
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-  """The best of each grid, and the headline ratios."""
+  """The best of each grid, and the figures the targets are stated in."""
   ok = [r for r in records if "error" not in r and "diverged_at" not in r]
   best: dict[str, dict[str, Any]] = {}
   for r in ok:
@@ -258,23 +275,38 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     if group not in best or r["final_loss"] < best[group]["final_loss"]:
       best[group] = r
   summary: dict[str, Any] = {"best": {g: r["name"] for g, r in best.items()}, "table": []}
-  for group, r in best.items():
-    summary["table"].append(dict(optimizer=r["name"], final_loss=r["final_loss"],
+  for r in best.values():
+    summary["table"].append(dict(optimizer=r["name"], steps=r["steps"][-1],
+                                 final_loss=r["final_loss"], loss_at_200=_loss_at(r, 200),
                                  median_step_s=r["median_step_s"], first_step_s=r["first_step_s"],
-                                 state_mb=r["state_bytes"] / 2**20, peak_rss_mb=r["peak_rss_mb"],
-                                 steps=r["steps"][-1]))
-  if "adam" in best and "jkfac" in best:
-    adam, jk = best["adam"], best["jkfac"]
-    summary["jkfac_step_over_adam"] = jk["median_step_s"] / adam["median_step_s"]
-    summary["jkfac_first_step_over_adam"] = jk["first_step_s"] / adam["first_step_s"]
-    target = adam["final_loss"]
+                                 state_mb=r["state_bytes"] / 2**20, peak_rss_mb=r["peak_rss_mb"]))
+  ratios = {}
+
+  def ratio(name, a, b, key="median_step_s"):
+    if a in best and b in best:
+      ratios[name] = best[a][key] / best[b][key]
+
+  ratio("jkfac fixed / kfac-jax fixed, step", "jkfac fixed", "kfac-jax fixed")
+  ratio("jkfac fixed stats 1/8 / adam, step", "jkfac fixed, stats 1/8", "adam")
+  ratio("jkfac fixed / adam, step", "jkfac fixed", "adam")
+  ratio("jkfac / kfac-jax adaptive, step", "jkfac", "kfac-jax adaptive")
+  ratio("jkfac / adam, step", "jkfac", "adam")
+  ratio("jkfac / adam, first step", "jkfac", "adam", "first_step_s")
+  ratio("jkfac / kfac-jax adaptive, state bytes", "jkfac", "kfac-jax adaptive", "state_bytes")
+  summary["ratios"] = ratios
+  if "adam" in best:
+    target = best["adam"]["final_loss"]
     summary["adam_final_loss"] = target
-    summary["seconds_to_adam_final_loss"] = {
-        r["name"]: _time_to(r, target) for r in best.values()}
-  for name in ("kfac-jax adaptive", "kfac-jax fixed"):
-    if name in best and "jkfac" in best:
-      summary[f"jkfac_step_over_{name}"] = best["jkfac"]["median_step_s"] / best[name]["median_step_s"]
+    summary["seconds_to_adam_final_loss"] = {r["name"]: _time_to(r, target)
+                                             for r in best.values()}
   return summary
+
+
+def _loss_at(record: dict[str, Any], step: int) -> float | None:
+  for s, loss in zip(record["steps"], record["loss"]):
+    if s == step:
+      return loss
+  return None
 
 
 def _time_to(record: dict[str, Any], target: float) -> float | None:
@@ -343,13 +375,19 @@ def main(argv=None) -> None:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-  print("\n  optimizer                 final loss  median step (s)  first step (s)  state (MB)  peak RSS (MB)")
+  print("\n  optimizer                  steps  final loss  loss@200  median step (s)  "
+        "first step (s)  state (MB)  peak RSS (MB)")
   for row in summary["table"]:
-    print(f"  {row['optimizer']:<24} {row['final_loss']:>11.2f} {row['median_step_s']:>16.4f} "
-          f"{row['first_step_s']:>15.2f} {row['state_mb']:>11.1f} {row['peak_rss_mb']:>14.0f}")
-  for key in sorted(summary):
-    if key.startswith("jkfac_") or key.startswith("seconds_to") or key == "adam_final_loss":
-      print(f"  {key}: {summary[key]}")
+    at200 = "" if row["loss_at_200"] is None else f"{row['loss_at_200']:.2f}"
+    print(f"  {row['optimizer']:<26}{row['steps']:>6}{row['final_loss']:>12.2f}{at200:>10}"
+          f"{row['median_step_s']:>17.4f}{row['first_step_s']:>16.2f}{row['state_mb']:>12.1f}"
+          f"{row['peak_rss_mb']:>15.0f}")
+  for name, value in summary["ratios"].items():
+    print(f"  {name}: {value:.2f}")
+  if "adam_final_loss" in summary:
+    print(f"  seconds to the best Adam's final loss ({summary['adam_final_loss']:.2f}):")
+    for name, seconds in summary["seconds_to_adam_final_loss"].items():
+      print(f"    {name}: {'not reached' if seconds is None else f'{seconds:.1f}'}")
 
 
 if __name__ == "__main__":
