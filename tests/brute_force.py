@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import jkfac
 
@@ -102,3 +103,22 @@ def kfac_dense_update(a, g, grad_w, grad_b, damping):
   v = np.concatenate([grad_w, grad_b[None]], axis=0)  # (in + 1, out), row-major vec
   u = np.linalg.solve(big, v.reshape(-1)).reshape(v.shape)
   return u[:-1], u[-1]
+
+
+def train_jitted(est, tx, params, args, steps):
+  """Runs a jitted K-FAC training step; returns params, state, losses, traces."""
+  traces = []
+
+  @jax.jit
+  def train_step(params, state, key):
+    traces.append(1)
+    loss, grads, stats = est(params, *args, rng=key)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state, loss
+
+  state = tx.init(params)
+  losses = []
+  for i in range(steps):
+    params, state, loss = train_step(params, state, jax.random.PRNGKey(i))
+    losses.append(float(loss))
+  return params, state, losses, len(traces)

@@ -104,21 +104,8 @@ def test_adaptive_kfac_trains_and_compiles_once():
   x = x.astype(jnp.float32)
   est = jkfac.estimator(bf.ce_loss, params, x, y)
   tx = jkfac.kfac(est, damping=1e-2, inverse_every=3)
-  traces = []
-
-  @jax.jit
-  def train_step(params, state, key):
-    traces.append(1)
-    loss, grads, stats = est(params, x, y, rng=key)
-    updates, state = tx.update(grads, state, params, stats=stats)
-    return optax.apply_updates(params, updates), state, loss
-
-  state = tx.init(params)
-  losses = []
-  for i in range(15):
-    params, state, loss = train_step(params, state, jax.random.PRNGKey(i))
-    losses.append(float(loss))
-  assert len(traces) == 1
+  params, state, losses, traces = bf.train_jitted(est, tx, params, (x, y), 15)
+  assert traces == 1
   assert losses[-1] < 0.5 * losses[0]
   assert float(state.quadratic_model.learning_rate) > 0
   assert float(state.quadratic_model.predicted_change) < 0

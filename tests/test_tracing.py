@@ -205,3 +205,21 @@ def test_tags_survive_transformations():
 def test_register_dense_checks_shapes():
   with pytest.raises(ValueError, match="shapes do not match"):
     jkfac.register_dense(X @ W, X, W.T)
+
+
+def test_tagged_layer_without_a_block_falls_back_and_says_so():
+  kernel = jax.random.normal(KEY, (3, 3, 2, 4))
+  images = jax.random.normal(KEY, (6, 8, 8, 2))
+  conv_args = dict(window_strides=(1, 1), padding="SAME",
+                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def loss_fn(p, x, y):
+    out = lax.conv_general_dilated(x, p["k"], **conv_args)
+    out = jkfac.register_conv(out, x, p["k"], **conv_args)
+    return jkfac.softmax_cross_entropy(out.mean(axis=(1, 2)), y)
+
+  est = jkfac.estimator(loss_fn, {"k": kernel}, images, Y % 4)
+  assert [(l.kind, l.note) for l in est.layers] == [
+      ("diagonal", "tagged as 'conv', which has no block yet")]
+  _, grads, stats = est({"k": kernel}, images, Y % 4, rng=KEY)
+  assert stats.factors["k"]["diag"].shape == kernel.shape

@@ -111,21 +111,8 @@ def test_jitted_step_compiles_once_across_inverse_refreshes():
   x = x.astype(jnp.float32)
   est = jkfac.estimator(_ce_loss, params, x, y)
   tx = jkfac.kfac(est, learning_rate=0.05, damping=1e-2, inverse_every=4)
-  traces = []
-
-  @jax.jit
-  def train_step(params, state, key):
-    traces.append(1)
-    loss, grads, stats = est(params, x, y, rng=key)
-    updates, state = tx.update(grads, state, params, stats=stats)
-    return optax.apply_updates(params, updates), state, loss
-
-  state = tx.init(params)
-  losses = []
-  for i in range(25):
-    params, state, loss = train_step(params, state, jax.random.PRNGKey(i))
-    losses.append(float(loss))
-  assert len(traces) == 1
+  _, _, losses, traces = bf.train_jitted(est, tx, params, (x, y), 25)
+  assert traces == 1
   assert losses[-1] < 0.7 * losses[0]
   assert all(np.isfinite(losses))
 
