@@ -140,11 +140,9 @@ def register_scale_and_shift(y: Array, x: Array, scale: Optional[Array] = None,
 
 def _freeze(value: Any) -> Any:
   """Makes a conv argument hashable (lists to tuples, recursively)."""
-  if isinstance(value, (list, tuple)):
+  if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
     return tuple(_freeze(v) for v in value)
-  if hasattr(value, "lhs_spec"):  # ConvDimensionNumbers is already hashable.
-    return value
-  return value
+  return value  # strings, numbers, ConvDimensionNumbers (a NamedTuple) are hashable
 
 
 def loss_tag(prediction: Array, target: Array, *, distribution: str,
