@@ -45,6 +45,14 @@ def test_update_without_stats():
     tx.update(grads, tx.init(PARAMS), PARAMS)
 
 
+def test_adaptive_damping_needs_params():
+  est = jkfac.estimator(_loss, PARAMS, X, Y)
+  tx = jkfac.kfac(est)
+  _, grads, stats = est(PARAMS, X, Y, rng=KEY)
+  with pytest.raises(ValueError, match="with params"):
+    tx.update(grads, tx.init(PARAMS), stats=stats)
+
+
 def test_stats_from_another_estimator():
   est = jkfac.estimator(_loss, PARAMS, X, Y)
   other = jkfac.estimator(_loss, PARAMS, X, Y)

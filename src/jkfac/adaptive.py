@@ -125,8 +125,9 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
     lam = value_at(damping if damping_now is None else damping_now,
                    step_count).astype(dtype) + l2_reg
     gram = stats.extras["curvature"]([direction, previous])
-    dots = jnp.array([[_dot(direction, direction, dtype), _dot(direction, previous, dtype)],
-                      [_dot(direction, previous, dtype), _dot(previous, previous, dtype)]])
+    cross = _dot(direction, previous, dtype)
+    dots = jnp.array([[_dot(direction, direction, dtype), cross],
+                      [cross, _dot(previous, previous, dtype)]])
     curvature = gram + lam * dots
     grad_dots = jnp.stack([_dot(grads, direction, dtype), _dot(grads, previous, dtype)])
     alpha, mu = solve_coefficients(

@@ -290,6 +290,9 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
 
   def update_fn(grads: Any, state: KFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, **extra_args):
+    if adapting and params is None:
+      raise ValueError("kfac adapts its damping from the loss at the new parameters: "
+                       "call tx.update(grads, opt_state, params, stats=stats) with params.")
     lam = state.damping if adapting else None
     count = state.preconditioner.count
     direction, first = preconditioner.update(
