@@ -20,12 +20,13 @@ def _data(n=24):
 _ce_loss = bf.ce_loss
 
 
-def test_update_equals_dense_damped_kronecker_inverse():
+@pytest.mark.parametrize("method", ["cholesky", "eigh"])
+def test_update_equals_dense_damped_kronecker_inverse(method):
   params = bf.mlp_params(KEY, SIZES)
   x, y = _data()
   est = jkfac.estimator(_ce_loss, params, x, y, mode="exact")
   damping = 0.3
-  tx = jkfac.scale_by_kfac(est, damping=damping)
+  tx = jkfac.scale_by_kfac(est, damping=damping, inverse_method=method)
   _, grads, stats = est(params, x, y)
   updates, state = tx.update(grads, tx.init(params), params, stats=stats)
   for name in ("l0", "l1"):
@@ -203,4 +204,17 @@ def test_non_finite_statistics_leave_factors_unchanged():
   jax.tree_util.tree_map(np.testing.assert_array_equal, state2.factors, state.factors)
   jax.tree_util.tree_map(np.testing.assert_array_equal, state2.inverses, state.inverses)
   assert int(state2.skipped) == 1
+  assert all(np.all(np.isfinite(u)) for u in jax.tree_util.tree_leaves(updates))
+
+
+def test_failed_inverse_keeps_the_previous_inverses(monkeypatch):
+  params = bf.mlp_params(KEY, SIZES)
+  x, y = _data()
+  est = jkfac.estimator(_ce_loss, params, x, y)
+  tx = jkfac.scale_by_kfac(est, damping=1e-2, inverse_every=1)
+  _, grads, stats = est(params, x, y, rng=KEY)
+  _, state = tx.update(grads, tx.init(params), params, stats=stats)
+  monkeypatch.setattr(jkfac.linalg, "damped_inverse", lambda m, *_: m * jnp.nan)
+  updates, state2 = tx.update(grads, state, params, stats=stats)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state2.inverses, state.inverses)
   assert all(np.all(np.isfinite(u)) for u in jax.tree_util.tree_leaves(updates))

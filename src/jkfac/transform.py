@@ -51,7 +51,9 @@ def _python_number(value: Any) -> Optional[float]:
   return float(value)
 
 
-def _check_options(damping, decay, inverse_every, inverse_warmup) -> None:
+def _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method) -> None:
+  if inverse_method not in linalg.METHODS:
+    raise ValueError(f"inverse_method must be one of {linalg.METHODS}, got {inverse_method!r}.")
   checks = [
       (damping, lambda v: v > 0.0, "damping must be positive, got {}. It is the λ of "
        "(F + λI); try 1e-3 and adjust."),
@@ -69,7 +71,7 @@ def _check_options(damping, decay, inverse_every, inverse_warmup) -> None:
 
 def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0.95,
                   inverse_every: int = 20, inverse_warmup: int = 3,
-                  structure: str = "block_diagonal",
+                  inverse_method: str = "cholesky", structure: str = "block_diagonal",
                   axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the Kronecker-factored Fisher inverse.
 
@@ -93,6 +95,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     inverse_every: recompute the damped inverses every this many updates.
     inverse_warmup: also recompute them at each of the first this many
       updates, while the averages still change fast (the paper does this).
+    inverse_method: `"cholesky"` (the default, fastest) or `"eigh"` (a
+      symmetric eigendecomposition); see `jkfac.linalg.damped_inverse`.
     structure: `"block_diagonal"` (section 4.2). The block-tridiagonal inverse
       of section 4.3 is not implemented yet.
     axis_name: under `pmap`, the axis over which statistics are averaged.
@@ -100,7 +104,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
-  _check_options(damping, decay, inverse_every, inverse_warmup)
+  _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method)
   if structure != "block_diagonal":
     raise NotImplementedError(
         f"structure={structure!r}: only 'block_diagonal' is implemented so far.")
@@ -118,7 +122,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
                             jnp.zeros([], jnp.int32))
 
   def _inverses(factors, lam):
-    return {layer.name: block_of[layer.name].inverse(layer, factors[layer.name], lam)
+    return {layer.name: block_of[layer.name].inverse(layer, factors[layer.name], lam,
+                                                   inverse_method)
             for layer in layers}
 
   def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,
@@ -131,7 +136,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
       batch = jax.lax.pmean(batch, axis_name)
     count = state.count + 1
     epsilon = jnp.minimum(1.0 - 1.0 / count.astype(est.factor_dtype), decay)
-    finite = linalg.gram_finite(batch)
+    finite = linalg.all_finite(batch)
     factors = jax.tree_util.tree_map(
         lambda old, new: jnp.where(finite, epsilon * old + (1.0 - epsilon) * new, old),
         state.factors, batch)
@@ -141,7 +146,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
 
     def recompute(_):
       fresh = _inverses(factors, lam)
-      return {name: _keep_if_finite(fresh[name], state.inverses[name]) for name in fresh}, lam
+      return jax.lax.cond(linalg.all_finite(fresh), lambda: (fresh, lam),
+                          lambda: (state.inverses, state.damping))
 
     inverses, used_damping = jax.lax.cond(
         refresh, recompute, lambda _: (state.inverses, state.damping), None)
@@ -161,7 +167,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
 
 def _keep_if_finite(new: Any, old: Any) -> Any:
   """`new` where all of it is finite, else `old` (a failed eigendecomposition)."""
-  ok = linalg.gram_finite(new)
+  ok = linalg.all_finite(new)
   return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
@@ -222,7 +228,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
          adapt_damping: bool = True, damping_interval: int = 5,
          nesterov: bool = False, l2_reg: float = 0.0, decay: float = 0.95,
          inverse_every: int = 20, inverse_warmup: int = 3,
-         structure: str = "block_diagonal",
+         inverse_method: str = "cholesky", structure: str = "block_diagonal",
          axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """K-FAC: the preconditioner, then momentum and the learning rate.
 
@@ -254,6 +260,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     decay: factor moving-average decay (see `scale_by_kfac`).
     inverse_every: inverse refresh period, in updates.
     inverse_warmup: refresh at every one of the first this many updates.
+    inverse_method: `"cholesky"` or `"eigh"` (see `scale_by_kfac`).
     structure: the inverse's block structure (see `scale_by_kfac`).
     axis_name: the `pmap` axis over which statistics are averaged.
 
@@ -273,7 +280,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
                          else lam + l2_reg)
   preconditioner = scale_by_kfac(est, damping=with_l2(damping), decay=decay,
                                  inverse_every=inverse_every, inverse_warmup=inverse_warmup,
-                                 structure=structure, axis_name=axis_name)
+                                 inverse_method=inverse_method, structure=structure, axis_name=axis_name)
   if learning_rate is not None and momentum is not None:
     return optax.chain(
         preconditioner,

@@ -8,7 +8,8 @@ A block is an object with:
 - `needs`: `"activations"` (layer inputs and output derivatives) or
   `"per_example_gradients"` (squared per-example parameter gradients).
 - `statistics(layer, captures) -> dict`: this batch's factors.
-- `inverse(layer, factors, damping) -> dict`: what `precondition` needs.
+- `inverse(layer, factors, damping, method) -> dict`: what `precondition`
+  needs; `method` is `"cholesky"` or `"eigh"` (`linalg.damped_inverse`).
 - `precondition(layer, inverse, grads) -> tuple`: the preconditioned gradients
   of the layer's parameters, in `layer.params` order.
 - `describe(layer) -> str`: the factor shapes for the layer table.

@@ -41,7 +41,8 @@ class Block(Protocol):
   def statistics(self, layer: Any, captures: Captures) -> dict[str, Array]:
     ...
 
-  def inverse(self, layer: Any, factors: dict[str, Array], damping: Array) -> dict[str, Array]:
+  def inverse(self, layer: Any, factors: dict[str, Array], damping: Array,
+              method: str = "cholesky") -> dict[str, Array]:
     ...
 
   def precondition(self, layer: Any, inverse: dict[str, Array],

@@ -69,9 +69,10 @@ class DenseBlock:
       a = jnp.block([[a, mean], [mean.T, one]])
     return {"A": a, "G": g_cov}
 
-  def inverse(self, layer, factors: dict[str, Array], damping: Array) -> dict[str, Array]:
+  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+              method: str = "cholesky") -> dict[str, Array]:
     """Returns the damped factor inverses (factored Tikhonov with π)."""
-    a_inv, g_inv, pi = linalg.kronecker_inverses(factors["A"], factors["G"], damping)
+    a_inv, g_inv, pi = linalg.kronecker_inverses(factors["A"], factors["G"], damping, method)
     return {"A_inv": a_inv, "G_inv": g_inv, "pi": pi}
 
   def precondition(self, layer, inverse: dict[str, Array],

@@ -34,7 +34,8 @@ class DiagonalBlock:
     """Returns `{"diag": sum over examples of squared per-example gradients}`."""
     return {"diag": captures.squared_grads[0].astype(captures.dtype)}
 
-  def inverse(self, layer, factors: dict[str, Array], damping: Array) -> dict[str, Array]:
+  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+              method: str = "cholesky") -> dict[str, Array]:
     """Returns `1 / (diag + λ)`."""
     return {"diag_inv": 1.0 / (jax.numpy.maximum(factors["diag"], 0.0) + damping)}
 
