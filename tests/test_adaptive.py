@@ -26,19 +26,21 @@ def _exact_fisher(params, x, distribution):
   return total / x.shape[0], unravel
 
 
-@pytest.mark.parametrize("distribution", ["categorical", "bernoulli", "gaussian"])
-def test_curvature_products_equal_the_dense_exact_fisher(distribution):
+@pytest.mark.parametrize("distribution,stats_fraction", [
+    ("categorical", 1.0), ("bernoulli", 1.0), ("gaussian", 1.0), ("categorical", 0.25)])
+def test_curvature_products_equal_the_dense_exact_fisher(distribution, stats_fraction):
+  # with stats_fraction < 1 the factors use a subset, the products the whole batch
   params = bf.mlp_params(KEY, SIZES)
-  x, labels = bf.classification_data(7, SIZES[0], SIZES[-1])
+  x, labels = bf.classification_data(8, SIZES[0], SIZES[-1])
   losses = {
       "categorical": (bf.ce_loss, labels),
       "bernoulli": (lambda p, x, t: jkfac.sigmoid_cross_entropy(bf.mlp_forward(p, x), t),
                     jax.nn.one_hot(labels, SIZES[-1], dtype=jnp.float64)),
       "gaussian": (lambda p, x, t: jkfac.squared_error(bf.mlp_forward(p, x), t),
-                   jnp.zeros((7, SIZES[-1]), jnp.float64)),
+                   jnp.zeros((8, SIZES[-1]), jnp.float64)),
   }
   loss_fn, targets = losses[distribution]
-  est = jkfac.estimator(loss_fn, params, x, targets)
+  est = jkfac.estimator(loss_fn, params, x, targets, stats_fraction=stats_fraction)
   _, _, stats = est(params, x, targets, rng=KEY)
   fisher, unravel = _exact_fisher(params, x, distribution)
   vectors = [unravel(jax.random.normal(jax.random.PRNGKey(i), (fisher.shape[0],), jnp.float64))

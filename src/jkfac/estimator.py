@@ -46,8 +46,9 @@ class Statistics:
     extras: anything else a transform needs, keyed by name:
       `"curvature"`, a `jax.tree_util.Partial` taking a list of vectors
       (pytrees shaped as the parameters) and returning their Gram matrix
-      `v_i^T F v_j` under the exact Fisher of the batch (of its first
-      `stats_fraction`, like the factors); `"loss"`, the batch's loss; and
+      `v_i^T F v_j` under the exact Fisher of the whole batch (whatever
+      `stats_fraction`, as the quadratic model of K-FAC section 7 is the
+      batch's); `"loss"`, the batch's loss; and
       `"loss_at"`, a `Partial` giving the batch's loss at other parameters.
   """
 
@@ -147,8 +148,8 @@ class Estimator:
     grads = jax.tree_util.tree_unflatten(self.params_tree, grads)
     value = (loss, aux) if self.has_aux else loss
     extras = {
-        "curvature": jax.tree_util.Partial(  # on the statistics' examples
-            functools.partial(self._curvature_gram, stats_program), flat_params, stats_args),
+        "curvature": jax.tree_util.Partial(  # on the whole batch (K-FAC section 7)
+            functools.partial(self._curvature_gram, program), flat_params, flat_args),
         "loss": jax.lax.stop_gradient(loss),
         "loss_at": jax.tree_util.Partial(functools.partial(self._loss_at, program), flat_args),
     }
