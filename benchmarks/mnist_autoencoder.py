@@ -20,16 +20,11 @@ Results: `benchmarks/results/mnist_autoencoder[_quick].json` and `.png`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
-import os
 import pathlib
-import platform
-import resource
-import subprocess
 import sys
-import tempfile
-import time
 from typing import Any
 
 import numpy as np
@@ -37,6 +32,8 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
+
+import harness  # pylint: disable=g-import-not-at-top
 
 # jkfac: learning rate and momentum from the quadratic model, Levenberg-
 # Marquardt damping (K-FAC sections 6-7), statistics on 1/8 of each batch.
@@ -144,8 +141,7 @@ def batch_indices(args: argparse.Namespace, n_train: int) -> list[np.ndarray]:
 
 
 def make_step(run: dict[str, Any], params, example_batch, activation: str):
-  """Returns (init, step, state_bytes) for one run's optimizer."""
-  import functools
+  """Returns (init, step) for one run's optimizer."""
   import jax
   import optax
   import autoencoder
@@ -157,7 +153,7 @@ def make_step(run: dict[str, Any], params, example_batch, activation: str):
         params, example_batch, activation=activation, adaptive=run["adaptive"],
         learning_rate=run.get("learning_rate"), momentum=run.get("momentum"),
         damping=run.get("damping"), inverse_every=run["inverse_every"])
-    return runner.init, runner.step, runner.state_bytes
+    return runner.init, runner.step
 
   if run["kind"] == "jkfac":
     import jkfac
@@ -186,16 +182,13 @@ def make_step(run: dict[str, Any], params, example_batch, activation: str):
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state, loss
 
-  init = lambda params, batch: tx.init(params)
-  state_bytes = lambda state: int(sum(x.nbytes for x in jax.tree_util.tree_leaves(state)))
-  return init, step, state_bytes
+  return (lambda params, batch: tx.init(params)), step
 
 
 def train(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
   """Trains one optimizer; returns its record."""
   import jax
   import jax.numpy as jnp
-  from tqdm import tqdm
   import autoencoder
   import datasets
 
@@ -203,81 +196,28 @@ def train(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
   eval_images = jnp.asarray(images[:args.eval_size])
   batches = batch_indices(args, images.shape[0])
   params = autoencoder.init_params(jax.random.PRNGKey(args.seed))
-  init, step, state_bytes = make_step(run, params, jnp.asarray(images[batches[0]]),
-                                      args.activation)
-  evaluate = jax.jit(lambda p: autoencoder.objective(p, eval_images, args.activation))
-  state = init(params, jnp.asarray(images[batches[0]]))
-  record = dict(run, steps=[], loss=[], seconds=[], step_times=[])
-  elapsed = 0.0
-  key = jax.random.PRNGKey(args.seed + 1)
+  first = jnp.asarray(images[batches[0]])
+  init, step = make_step(run, params, first, args.activation)
+  objective = jax.jit(lambda p: autoencoder.objective(p, eval_images, args.activation))
   total = min(run.get("steps", args.steps), args.steps)
-  bar = tqdm(range(total), desc=f"{run['name']:>24}", leave=True, ncols=100,
-             file=sys.stderr, mininterval=1.0)
-  for k in bar:
-    batch = jnp.asarray(images[batches[k]])
-    key, sub = jax.random.split(key)
-    start = time.perf_counter()
-    params, state, loss = step(params, state, batch, sub)
-    loss = float(jax.block_until_ready(loss))
-    elapsed += time.perf_counter() - start
-    record["step_times"].append(time.perf_counter() - start)
-    if k == 0 or (k + 1) % args.eval_every == 0 or k == total - 1:
-      value = float(evaluate(params))
-      record["steps"].append(k + 1)
-      record["loss"].append(value)
-      record["seconds"].append(elapsed)
-      bar.set_postfix(loss=f"{value:.2f}")
-    if not math.isfinite(loss):
-      record["diverged_at"] = k
-      break
-  times = record["step_times"]
-  record.update(
-      first_step_s=times[0],
-      median_step_s=float(np.median(times[1:])) if len(times) > 1 else float("nan"),
-      final_loss=record["loss"][-1],
-      state_bytes=state_bytes(state),
-      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      batch_sizes=sorted(set(int(len(b)) for b in batches[:total])))
+  record = harness.train_loop(run, total, step, params, init(params, first),
+                              lambda k: jnp.asarray(images[batches[k]]),
+                              lambda p: {"loss": objective(p)}, args.eval_every, args.seed + 1)
+  record.update(final_loss=record["loss"][-1],
+                batch_sizes=sorted(set(int(len(b)) for b in batches[:total])))
   return record
 
 
 # --- orchestration -------------------------------------------------------------
 
-def run_in_subprocess(run: dict[str, Any], argv: list[str]) -> dict[str, Any]:
-  with tempfile.TemporaryDirectory() as tmp:
-    out = pathlib.Path(tmp) / "record.json"
-    spec = json.dumps(dict(run=run, out=str(out)))
-    proc = subprocess.run([sys.executable, __file__, *argv, "--worker", spec], check=False)
-    if proc.returncode != 0 or not out.exists():
-      return dict(run, error=f"worker exited with status {proc.returncode}")
-    return json.loads(out.read_text())
-
-
-def machine() -> dict[str, Any]:
-  import jax
-  info = dict(platform=platform.platform(), python=platform.python_version(),
-              cpus=os.cpu_count(), jax=jax.__version__,
-              devices=[str(d) for d in jax.devices()])
-  try:
-    import kfac_jax_runner
-    info["kfac_jax"] = kfac_jax_runner.available()[1]
-  except ImportError:
-    pass
-  return info
-
-
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
   """The best of each grid, and the figures the targets are stated in."""
-  ok = [r for r in records if "error" not in r and "diverged_at" not in r]
-  best: dict[str, dict[str, Any]] = {}
-  for r in ok:
-    group = r.get("group", r["name"])
-    if group not in best or r["final_loss"] < best[group]["final_loss"]:
-      best[group] = r
+  best = harness.best_of_groups(records, "loss")
   summary: dict[str, Any] = {"best": {g: r["name"] for g, r in best.items()}, "table": []}
   for r in best.values():
     summary["table"].append(dict(optimizer=r["name"], steps=r["steps"][-1],
-                                 final_loss=r["final_loss"], loss_at_200=_loss_at(r, 200),
+                                 final_loss=r["final_loss"],
+                                 loss_at_200=harness.value_at(r, "loss", 200),
                                  median_step_s=r["median_step_s"], first_step_s=r["first_step_s"],
                                  state_mb=r["state_bytes"] / 2**20, peak_rss_mb=r["peak_rss_mb"]))
   ratios = {}
@@ -297,55 +237,16 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
   if "adam" in best:
     target = best["adam"]["final_loss"]
     summary["adam_final_loss"] = target
-    summary["seconds_to_adam_final_loss"] = {r["name"]: _time_to(r, target)
+    summary["seconds_to_adam_final_loss"] = {r["name"]: harness.seconds_to(r, "loss", target)
                                              for r in best.values()}
   return summary
-
-
-def _loss_at(record: dict[str, Any], step: int) -> float | None:
-  for s, loss in zip(record["steps"], record["loss"]):
-    if s == step:
-      return loss
-  return None
-
-
-def _time_to(record: dict[str, Any], target: float) -> float | None:
-  for loss, seconds in zip(record["loss"], record["seconds"]):
-    if loss <= target:
-      return seconds
-  return None
-
-
-def plot(records: list[dict[str, Any]], summary: dict[str, Any], path: pathlib.Path,
-         title: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  shown = [r for r in records if "error" not in r and r["name"] in summary["best"].values()]
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  for r in shown:
-    axes[0].plot(r["steps"], r["loss"], label=r["name"])
-    axes[1].plot(r["seconds"], r["loss"], label=r["name"])
-  for ax, xlabel in zip(axes, ("step", "seconds (training steps only, compile included)")):
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("training objective (fixed subset)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def main(argv=None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
   if args.worker:
-    spec = json.loads(args.worker)
-    record = train(spec["run"], args)
-    pathlib.Path(spec["out"]).write_text(json.dumps(record))
+    harness.worker(args.worker, functools.partial(train, args=args))
     return
   try:
     import kfac_jax_runner
@@ -358,18 +259,20 @@ def main(argv=None) -> None:
         f"{len(runs)} runs: {', '.join(r['name'] for r in runs)}", flush=True)
   if not kfac_jax_ok:
     print(f"kfac-jax not run: {kfac_jax_note}", flush=True)
-  records = [run_in_subprocess(run, argv) for run in runs]
+  records = [harness.run_in_subprocess(__file__, run, argv) for run in runs]
   for r in records:
     if "error" in r:
       print(f"  {r['name']}: FAILED ({r['error']})")
   summary = summarise(records)
   stem = args.out or ("mnist_autoencoder_quick" if args.quick else "mnist_autoencoder")
   RESULTS.mkdir(parents=True, exist_ok=True)
-  result = dict(benchmark="mnist_autoencoder", args=vars(args), machine=machine(),
-                runs=records, summary=summary)
+  result = dict(benchmark="mnist_autoencoder", args=vars(args),
+                machine=harness.machine({"kfac_jax": kfac_jax_note}), runs=records,
+                summary=summary)
   (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
-  plot(records, summary, RESULTS / f"{stem}.png",
-       f"MNIST autoencoder, batch {args.batch_size}, {args.activation}")
+  harness.plot([r for r in records if r.get("name") in summary["best"].values()],
+               [("loss", "training objective (fixed subset)", True)], RESULTS / f"{stem}.png",
+               f"MNIST autoencoder, batch {args.batch_size}, {args.activation}")
   print_summary(summary)
   print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')}")
 

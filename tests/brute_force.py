@@ -95,14 +95,46 @@ def a_factors(params, x):
   return [homogeneous(h).T @ homogeneous(h) / x.shape[0] for h, _ in record]
 
 
-def kfac_dense_update(a, g, grad_w, grad_b, damping):
-  """The update from `((A + πγI) ⊗ (G + γ/πI))^{-1}` formed densely."""
+def kron_update(a, g, v, damping):
+  """`((A + πγI) ⊗ (G + γ/πI))^{-1} vec(V)` formed densely, V of shape (dim A, dim G)."""
   pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
   gamma = np.sqrt(damping)
   big = np.kron(a + pi * gamma * np.eye(a.shape[0]), g + gamma / pi * np.eye(g.shape[0]))
-  v = np.concatenate([grad_w, grad_b[None]], axis=0)  # (in + 1, out), row-major vec
-  u = np.linalg.solve(big, v.reshape(-1)).reshape(v.shape)
+  return np.linalg.solve(big, v.reshape(-1)).reshape(v.shape)  # row-major vec
+
+
+def kfac_dense_update(a, g, grad_w, grad_b, damping):
+  """The dense layer's update from the explicit Kronecker product."""
+  u = kron_update(a, g, np.concatenate([grad_w, grad_b[None]], axis=0), damping)
   return u[:-1], u[-1]
+
+
+def conv_patches(x, kernel_spatial, strides, padding, lhs_dilation, rhs_dilation):
+  """Patch matrix by explicit loops: x is (N, C, *spatial); rows (n, *out
+  location), columns (c, *kernel offset), channel-major."""
+  x = np.asarray(x)
+  n, c = x.shape[:2]
+  dims = len(kernel_spatial)
+  dilated = np.zeros((n, c) + tuple((s - 1) * d + 1 for s, d in zip(x.shape[2:], lhs_dilation)))
+  dilated[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in lhs_dilation)] = x
+  for axis, (lo, hi) in enumerate(padding):
+    widths = [(0, 0)] * (dims + 2)
+    widths[axis + 2] = (max(lo, 0), max(hi, 0))
+    dilated = np.pad(dilated, widths)
+    crop = [slice(None)] * (dims + 2)
+    crop[axis + 2] = slice(max(-lo, 0), dilated.shape[axis + 2] - max(-hi, 0))
+    dilated = dilated[tuple(crop)]
+  extent = [(k - 1) * d + 1 for k, d in zip(kernel_spatial, rhs_dilation)]
+  out = [(p - e) // s + 1 for p, e, s in zip(dilated.shape[2:], extent, strides)]
+  rows = []
+  for example in range(n):
+    for location in np.ndindex(*out):
+      patch = np.empty((c,) + tuple(kernel_spatial))
+      for offset in np.ndindex(*kernel_spatial):
+        at = tuple(o * s + k * d for o, s, k, d in zip(location, strides, offset, rhs_dilation))
+        patch[(slice(None),) + offset] = dilated[(example, slice(None)) + at]
+      rows.append(patch.reshape(-1))
+  return np.array(rows), tuple(out)
 
 
 def train_jitted(est, tx, params, args, steps):

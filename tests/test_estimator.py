@@ -134,7 +134,7 @@ def test_diagonal_fallback_uses_per_example_gradients():
 
   def loss_fn(p, x, y):
     return jkfac.softmax_cross_entropy(bf.mlp_forward({k: v for k, v in p.items()
-                                                       if k != "gain"}, x) * p["gain"], y)
+                                                       if k != "gain"}, x) * jnp.exp(p["gain"]), y)
 
   est = jkfac.estimator(loss_fn, params, x, y, mode="empirical")
   kinds = {layer.name: layer.kind for layer in est.layers}

@@ -70,7 +70,7 @@ def test_transposed_weight_and_weight_on_the_left():
     loss_fn = lambda p, x, y, form=form: jkfac.softmax_cross_entropy(form(p, x), y)
     est = jkfac.estimator(loss_fn, params, X, Y, mode="empirical")
     assert [l.kind for l in est.layers] == ["dense"]
-    assert est.layers[0].option("transposed")
+    assert est.layers[0].option("in_axes") == (1,)
     tx = jkfac.scale_by_kfac(est, damping=1e-3)
     _, grads, stats = est(params, X, Y)
     updates.append(tx.update(grads, tx.init(params), params, stats=stats)[0]["w"])
@@ -180,12 +180,12 @@ def test_manual_tag_is_kept_and_owns_its_parameters():
 
 
 def test_unrecognised_parameters_fall_back_and_are_listed():
-  params = {"w": W, "scale": jnp.ones(3)}
-  loss_fn = lambda p, x, y: jkfac.softmax_cross_entropy((x @ p["w"]) * p["scale"], y)
+  params = {"w": W, "temperature": jnp.ones(())}
+  loss_fn = lambda p, x, y: jkfac.softmax_cross_entropy((x @ p["w"]) * p["temperature"], y)
   est = jkfac.estimator(loss_fn, params, X, Y)
-  assert _kinds(est) == [("w", "dense", ("kernel",)), ("scale", "diagonal", ("param",))]
+  assert _kinds(est) == [("w", "dense", ("kernel",)), ("temperature", "diagonal", ("param",))]
   table = str(est)
-  assert "fallback" in table and "scale (3,): used by mul" in table
+  assert "fallback" in table and "temperature (): used by mul" in table
 
 
 def test_tags_survive_transformations():
@@ -205,21 +205,3 @@ def test_tags_survive_transformations():
 def test_register_dense_checks_shapes():
   with pytest.raises(ValueError, match="shapes do not match"):
     jkfac.register_dense(X @ W, X, W.T)
-
-
-def test_tagged_layer_without_a_block_falls_back_and_says_so():
-  kernel = jax.random.normal(KEY, (3, 3, 2, 4))
-  images = jax.random.normal(KEY, (6, 8, 8, 2))
-  conv_args = dict(window_strides=(1, 1), padding="SAME",
-                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  def loss_fn(p, x, y):
-    out = lax.conv_general_dilated(x, p["k"], **conv_args)
-    out = jkfac.register_conv(out, x, p["k"], **conv_args)
-    return jkfac.softmax_cross_entropy(out.mean(axis=(1, 2)), y)
-
-  est = jkfac.estimator(loss_fn, {"k": kernel}, images, Y % 4)
-  assert [(l.kind, l.note) for l in est.layers] == [
-      ("diagonal", "tagged as 'conv', which has no block yet")]
-  _, grads, stats = est({"k": kernel}, images, Y % 4, rng=KEY)
-  assert stats.factors["k"]["diag"].shape == kernel.shape

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jkfac import blocks, interpret, losses, tracing
+from jkfac.blocks import dense
 
 Array = jax.Array
 MODES = ("fisher", "empirical", "exact")
@@ -78,11 +79,15 @@ class Estimator:
   """
 
   def __init__(self, loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
-               mode: str, has_aux: bool, stats_fraction: float, fisher_samples: int):
+               mode: str, has_aux: bool, stats_fraction: float, fisher_samples: int,
+               overrides: Optional[dict[str, str]] = None, weight_sharing: str = "expand"):
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     if not 0.0 < stats_fraction <= 1.0:
       raise ValueError(f"stats_fraction must be in (0, 1], got {stats_fraction}.")
+    if weight_sharing not in dense.WEIGHT_SHARING:
+      raise ValueError(f"weight_sharing must be one of {dense.WEIGHT_SHARING}, got "
+                       f"{weight_sharing!r}.")
     if fisher_samples < 1:
       raise ValueError(f"fisher_samples must be at least 1, got {fisher_samples}.")
     self.loss_fn = loss_fn
@@ -90,13 +95,16 @@ class Estimator:
     self.has_aux = has_aux
     self.stats_fraction = stats_fraction
     self.fisher_samples = fisher_samples
+    self.overrides = dict(overrides or {})
+    self.weight_sharing = weight_sharing
     self.id = next(_ids)
     leaves, self.params_tree = jax.tree_util.tree_flatten(params)
     self._param_shapes = [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves]
     inexact = [d for _, d in self._param_shapes if jnp.issubdtype(d, jnp.inexact)]
     self.factor_dtype = jnp.result_type(jnp.float32, *inexact)
     self._programs: dict[Any, tracing.Program] = {}
-    program = tracing.trace(loss_fn, params, args, has_aux)
+    program = tracing.trace(loss_fn, params, args, has_aux, overrides=self.overrides,
+                            weight_sharing=weight_sharing)
     flat_args, args_tree = jax.tree_util.tree_flatten(tuple(args))
     self._programs[_signature(leaves, flat_args, args_tree)] = program
     self.layers = program.layers
@@ -331,7 +339,8 @@ class Estimator:
       params = jax.tree_util.tree_unflatten(self.params_tree, [_shape(x) for x in flat_params])
       args = jax.tree_util.tree_unflatten(args_tree, [_shape(x) for x in flat_args])
       self._programs[key] = tracing.trace(self.loss_fn, params, args, self.has_aux,
-                                          reference=self.layers)
+                                          reference=self.layers, overrides=self.overrides,
+                                          weight_sharing=self.weight_sharing)
     return self._programs[key]
 
   def _subset(self, program: tracing.Program, flat_args: list[Array]) -> list[Array]:
@@ -390,7 +399,9 @@ def _batch_size(program: tracing.Program, what: str) -> int:
 
 def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = "fisher",
               has_aux: bool = False, stats_fraction: float = 1.0,
-              fisher_samples: int = 1) -> Estimator:
+              fisher_samples: int = 1,
+              overrides: Optional[dict[str, str]] = None,
+              weight_sharing: str = "expand") -> Estimator:
   """Traces `loss_fn` once and returns the one-pass estimator `est`.
 
   The loss function computes its value with a jkfac loss
@@ -413,9 +424,18 @@ def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = 
       fraction (the paper uses 1/8). Arguments whose leading axis is the batch
       size are sliced.
     fisher_samples: targets sampled per example in mode `"fisher"`.
+    overrides: per-layer block choices, `{pattern: choice}` with `fnmatch`
+      patterns of layer names or parameter paths and choices `"kronecker"`,
+      `"diagonal"`, `"full"` (scale-and-shift layers) or `"none"` (see
+      `jkfac.overrides`).
+    weight_sharing: how dense layers applied over extra axes (sequence
+      positions) or several times are approximated: `"expand"` (every row an
+      example) or `"reduce"` (rows aggregated per example), the two K-FAC
+      variants of Eschenhagen et al. (2023); see `jkfac.blocks.dense`.
 
   Returns:
     The estimator: call it as `est(params, *args, rng=key)`; `print(est)`
     shows the layer table.
   """
-  return Estimator(loss_fn, params, args, mode, has_aux, stats_fraction, fisher_samples)
+  return Estimator(loss_fn, params, args, mode, has_aux, stats_fraction, fisher_samples,
+                   overrides, weight_sharing)

@@ -33,7 +33,10 @@ class Plan:
     jaxpr: the (open) jaxpr.
     consts: values of its constant variables.
     perturb: layer-output variable -> use id; the use's perturbation is added.
-    capture: use id -> layer-input variable, returned after evaluation.
+    capture: use id -> the variables whose (broadcast) product is that use's
+      layer input, returned after evaluation: one variable for a dense or
+      convolution layer, the multiplicands of a scale (`x̂` of a
+      normalisation, never materialised by the model), none for a shift.
     losses: (loss id, prediction variable, target variable) triples.
     nested: equation index -> (how to evaluate, plan of its inner jaxpr), for
       higher-order equations that contain layers or losses.
@@ -41,7 +44,7 @@ class Plan:
   jaxpr: Jaxpr
   consts: list[Any]
   perturb: dict[Var, int] = dataclasses.field(default_factory=dict)
-  capture: dict[int, Var] = dataclasses.field(default_factory=dict)
+  capture: dict[int, tuple[Var, ...]] = dataclasses.field(default_factory=dict)
   losses: list[tuple[int, Var, Var]] = dataclasses.field(default_factory=list)
   nested: dict[int, tuple[str, "Plan"]] = dataclasses.field(default_factory=dict)
 
@@ -101,9 +104,20 @@ def run(plan: Plan, args: list[Any], perturbations: Mapping[int, Array]) -> Resu
       if use is not None and use in perturbations:
         val = val + perturbations[use].astype(val.dtype)
       env[v] = val
-  inputs.update({use: read(v) for use, v in plan.capture.items()})
+  inputs.update({use: _product([read(v) for v in factors])
+                 for use, factors in plan.capture.items()})
   predictions.update({k: (read(p), read(t)) for k, p, t in plan.losses})
   return Result([read(v) for v in plan.jaxpr.outvars], inputs, predictions)
+
+
+def _product(values: list[Array]) -> Any:
+  """The broadcast product of `values`; None for none."""
+  if not values:
+    return None
+  result = values[0]
+  for value in values[1:]:
+    result = result * value
+  return result
 
 
 def _run_nested(how: str, eqn, inner: Plan, invals: list[Any],

@@ -82,7 +82,12 @@ def pi_factor(a: Array, g: Array) -> Array:
   Returns:
     π, a positive scalar.
   """
-  ratio = (jnp.trace(a) / a.shape[0]) / (jnp.trace(g) / g.shape[0])
+  return pi_from_traces(jnp.trace(a), a.shape[0], jnp.trace(g), g.shape[0])
+
+
+def pi_from_traces(trace_a: Array, dim_a: int, trace_g: Array, dim_g: int) -> Array:
+  """`pi_factor` from the factors' traces and dimensions (diagonal factors)."""
+  ratio = (trace_a / dim_a) / (trace_g / dim_g)
   ok = jnp.isfinite(ratio) & (ratio > 0)
   return jnp.where(ok, jnp.sqrt(jnp.where(ok, ratio, 1.0)), 1.0)
 

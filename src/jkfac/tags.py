@@ -86,7 +86,7 @@ def register_dense(y: Array, x: Array, w: Array, b: Optional[Array] = None) -> A
     `y`, unchanged.
   """
   _check_dense(y, x, w, b)
-  return _layer_tag("dense", y, x, (w, b))
+  return _layer_tag("dense", y, x, (w, b), in_axes=(0,), out_axes=(1,))
 
 
 def _check_dense(y, x, w, b) -> None:
@@ -116,33 +116,44 @@ def register_conv(y: Array, x: Array, w: Array, b: Optional[Array] = None,
   Returns:
     `y`, unchanged.
   """
-  hashable = {k: _freeze(v) for k, v in conv_args.items()}
-  return _layer_tag("conv", y, x, (w, b), **hashable)
+  from jkfac.blocks import conv  # pylint: disable=g-import-not-at-top (a cycle otherwise)
+  spec = conv.spec_from_args(x.shape, w.shape, **conv_args)
+  expected = jax.eval_shape(lambda x, w: jax.lax.conv_general_dilated(x, w, **conv_args), x, w)
+  if y.shape != expected.shape or (b is not None and b.shape != (w.shape[spec.rhs_spec[0]],)):
+    raise ValueError(
+        f"register_conv: shapes do not match y = conv(x, w) + b: x {x.shape}, w {w.shape}, "
+        f"y {y.shape} (expected {expected.shape}), b {None if b is None else b.shape}. "
+        "Pass the convolution's own input, kernel and keyword arguments.")
+  return _layer_tag("conv", y, x, (w, b), conv=spec)
 
 
 def register_scale_and_shift(y: Array, x: Array, scale: Optional[Array] = None,
                              shift: Optional[Array] = None) -> Array:
   """Tags `y` as `x * scale + shift` (scale and shift broadcast over `x`).
 
+  Normalisation layers (`x̂ * scale + shift`, flax's LayerNorm, RMSNorm,
+  GroupNorm, BatchNorm) are found automatically; tag only others.
+
   Args:
     y: the output.
     x: the input.
-    scale: optional scale, a parameter leaf.
-    shift: optional shift, a parameter leaf.
+    scale: optional scale, a parameter leaf with the trailing shape of `x`.
+    shift: optional shift, a parameter leaf of the same shape.
 
   Returns:
     `y`, unchanged.
   """
   if scale is None and shift is None:
     raise ValueError("register_scale_and_shift needs a scale, a shift or both.")
-  return _layer_tag("scale_and_shift", y, x, (scale, shift))
-
-
-def _freeze(value: Any) -> Any:
-  """Makes a conv argument hashable (lists to tuples, recursively)."""
-  if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-    return tuple(_freeze(v) for v in value)
-  return value  # strings, numbers, ConvDimensionNumbers (a NamedTuple) are hashable
+  shapes = {p.shape for p in (scale, shift) if p is not None}
+  shape = shapes.pop()
+  if shapes or y.shape != x.shape or (shape and x.shape[x.ndim - len(shape):] != shape):
+    raise ValueError(
+        f"register_scale_and_shift: shapes do not match y = x * scale + shift: x {x.shape}, "
+        f"y {y.shape}, scale {None if scale is None else scale.shape}, shift "
+        f"{None if shift is None else shift.shape}. scale and shift have x's trailing shape.")
+  axes = tuple(range(x.ndim - len(shape), x.ndim))
+  return _layer_tag("scale_and_shift", y, x, (scale, shift), axes=axes)
 
 
 def loss_tag(prediction: Array, target: Array, *, distribution: str,

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Var
 
 from jkfac import blocks, interpret, losses, tags
+from jkfac import overrides as overrides_lib
+from jkfac.blocks import conv
 
 _PASS_THROUGH = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
 _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
@@ -53,7 +55,8 @@ class Layer:
     name: a readable name, from the parameters' common path.
     kind: the block type (`"dense"`, `"diagonal"`, ...).
     params: the parameter leaves it owns, in the block's order.
-    options: static facts the block needs (for dense: `transposed`, `bias`).
+    options: static facts the block needs (for dense: the kernel leaf's
+      `in_axes` and `out_axes`, and `bias`).
     note: how it was found, or why it is a fallback.
   """
   name: str
@@ -72,21 +75,18 @@ class Use:
 
   Attributes:
     id: the perturbation/capture id.
-    x_axis: the input's feature axis (contracted with the weight).
-    out_axis: the output's feature axis.
+    x_axes: the input's feature axes (contracted with the weight, in the
+      order of the kernel's `in_axes`).
+    out_axes: the output's feature axes (in the order of the kernel's
+      `out_axes`).
     x_shape: the input's shape.
     out_shape: the output's shape.
   """
   id: int
-  x_axis: int
-  out_axis: int
+  x_axes: tuple[int, ...]
+  out_axes: tuple[int, ...]
   x_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
-
-  @property
-  def rows(self) -> int:
-    """How many rows (examples times positions) the use contributes."""
-    return math.prod(self.x_shape) // self.x_shape[self.x_axis]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +128,10 @@ class _LeafView:
 
 
 @dataclasses.dataclass(frozen=True)
-class _VectorView:
+class _BroadcastView:
+  """A leaf reshaped or broadcast: leaf axis i is axis `axes[i]` here."""
   leaf: int
-  axis: int
+  axes: tuple[int, ...]
 
 
 @dataclasses.dataclass
@@ -140,6 +141,17 @@ class _Match:
   use: Optional[Use]
   options: tuple[tuple[str, Any], ...]
   source: str
+  problem: Optional[str] = None  # why it must fall back after all
+
+
+@dataclasses.dataclass(frozen=True)
+class _Affine:
+  """A `mul` or `add` of an activation and a broadcast vector parameter."""
+  op: str
+  leaf: int
+  axis: int
+  other: Var
+  out: Var
 
 
 class _Walker:
@@ -161,6 +173,7 @@ class _Walker:
     plan = interpret.Plan(jaxpr, list(consts))
     origin: dict[Var, Any] = {v: o for v, o in zip(jaxpr.invars, origins) if o is not None}
     pending: list[tuple[_Match, Var, Var, int, int]] = []
+    affine: list[_Affine] = []
     for index, eqn in enumerate(jaxpr.eqns):
       ins = [None if isinstance(v, Literal) else origin.get(v) for v in eqn.invars]
       name = eqn.primitive.name
@@ -171,16 +184,23 @@ class _Walker:
         self._loss_tag(eqn, plan)
       elif name == "dot_general":
         self._dense(index, eqn, ins, plan, pending)
+      elif name == "conv_general_dilated":
+        self._conv(eqn, ins, pending)
+      elif name == "gather":
+        self._embedding(eqn, ins, plan)
       elif name in _CALLS or name in _CHECKPOINTS:
         outs = self._nested(index, eqn, ins, plan)
       else:
         outs = [_propagate(eqn, ins)] if len(eqn.outvars) == 1 else outs
         if any(o is not None for o in ins):
           self._record_consumers(name, ins, outs)
+          if name in ("mul", "add"):
+            self._affine_candidate(eqn, ins, affine)
         if not any(o is not None for o in outs) and _inner_jaxprs(eqn):
           self._check_no_loss(eqn)
       origin.update({v: o for v, o in zip(eqn.outvars, outs) if o is not None})
-    self._finish_dense(jaxpr, plan, origin, pending)
+    biases = self._finish_layers(jaxpr, plan, origin, pending)
+    self._finish_affine(jaxpr, plan, origin, [a for a in affine if a.out not in biases])
     return plan, [None if isinstance(v, Literal) else origin.get(v) for v in jaxpr.outvars]
 
   def _record_consumers(self, name: str, ins: list[Any], outs: list[Any]) -> None:
@@ -225,7 +245,7 @@ class _Walker:
         continue
       position = next(operands)
       view = ins[position]
-      if not isinstance(view, (_LeafView, _VectorView)) or (
+      if not isinstance(view, (_LeafView, _BroadcastView)) or (
           isinstance(view, _LeafView) and view.perm != tuple(range(len(view.perm)))):
         raise ValueError(
             f"register_{kind}: parameter operand {position - 2} is not a parameter "
@@ -233,12 +253,11 @@ class _Walker:
             "parameter itself, as it appears in `params`, to the tag.")
       leaves.append(view.leaf)
     y, x = eqn.invars[0], eqn.invars[1]
-    use = Use(self._new_id(), x_axis=x.aval.ndim - 1, out_axis=y.aval.ndim - 1,
+    use = Use(self._new_id(), x_axes=(x.aval.ndim - 1,), out_axes=(y.aval.ndim - 1,),
               x_shape=tuple(x.aval.shape), out_shape=tuple(y.aval.shape))
     plan.perturb[eqn.outvars[0]] = use.id
-    plan.capture[use.id] = x
-    options = eqn.params["meta"] + (("transposed", False),)
-    self.matches.append(_Match(kind, tuple(leaves), use, options, "tagged"))
+    plan.capture[use.id] = (x,)
+    self.matches.append(_Match(kind, tuple(leaves), use, eqn.params["meta"], "tagged"))
 
   def _loss_tag(self, eqn, plan: interpret.Plan) -> None:
     loss = Loss(self._new_id(), eqn.params["distribution"], eqn.params["weight"],
@@ -247,41 +266,150 @@ class _Walker:
     plan.losses.append((loss.id, eqn.outvars[0], eqn.invars[1]))
 
   def _dense(self, index: int, eqn, ins: list[Any], plan: interpret.Plan,
-             pending: list[tuple[_Match, Var, Var, int, int]]) -> None:
+             pending: list[tuple[_Match, Var, Var, tuple[int, ...], tuple[int, ...]]]) -> None:
+    """`dot_general` of an activation and a kernel view, contracting any of its axes."""
     (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
     found = None
-    if not lhs_b and not rhs_b and len(lhs_c) == 1:
+    if not lhs_b and not rhs_b and lhs_c:
       for side in (1, 0):
         view, other = ins[side], ins[1 - side]
-        if (isinstance(view, _LeafView) and len(view.perm) == 2 and other is None
-            and view.leaf not in self.claimed):
+        if (isinstance(view, _LeafView) and len(view.perm) >= 2 and other is None
+            and view.leaf not in self.claimed and len(lhs_c) < len(view.perm)):
           found = side, view
           break
     if found is None:
       self._record_consumers("dot_general", ins, [None])
       return
     side, view = found
-    param_contract = (rhs_c if side == 1 else lhs_c)[0]
-    x_axis = (lhs_c if side == 1 else rhs_c)[0]
+    param_contract = tuple(rhs_c if side == 1 else lhs_c)
+    x_axes = tuple(lhs_c if side == 1 else rhs_c)
+    free = [a for a in range(len(view.perm)) if a not in param_contract]
     out = eqn.outvars[0]
-    out_axis = out.aval.ndim - 1 if side == 1 else 0
-    transposed = view.perm[param_contract] == 1
-    match = _Match("dense", (view.leaf, None), None, (("transposed", transposed),), "found")
-    self.matches.append(match)  # completed by _finish_dense, once bias views are known
-    pending.append((match, eqn.invars[1 - side], out, x_axis, out_axis))
+    x_free = eqn.invars[1 - side].aval.ndim - len(x_axes)
+    out_axes = tuple(range(x_free, x_free + len(free)) if side == 1 else range(len(free)))
+    options = (("in_axes", tuple(view.perm[a] for a in param_contract)),
+               ("out_axes", tuple(view.perm[a] for a in free)))
+    match = _Match("dense", (view.leaf, None), None, options, "found")
+    self.matches.append(match)  # completed by _finish_layers, once bias views are known
+    pending.append((match, eqn.invars[1 - side], out, x_axes, out_axes))
 
-  def _finish_dense(self, jaxpr: Jaxpr, plan: interpret.Plan, origin: dict[Var, Any],
-                    pending: list[tuple[_Match, Var, Var, int, int]]) -> None:
+  def _conv(self, eqn, ins: list[Any], pending: list[tuple[_Match, Var, Var, int, int]]) -> None:
+    view, other = ins[1], ins[0]
+    spec = None
+    if isinstance(view, _LeafView) and other is None and view.leaf not in self.claimed:
+      spec = conv.spec_from_params(eqn.params, view.perm)
+    if spec is None:
+      self._record_consumers("conv_general_dilated", ins, [None])
+      return
+    match = _Match("conv", (view.leaf, None), None, (("conv", spec),), "found")
+    self.matches.append(match)
+    pending.append((match, eqn.invars[0], eqn.outvars[0], (spec.lhs_spec[1],),
+                    (spec.out_spec[1],)))
+
+  def _embedding(self, eqn, ins: list[Any], plan: interpret.Plan) -> None:
+    """A row lookup `table[ids]` (`jnp.take`, indexing, flax `Embed`)."""
+    view, ids, out = ins[0], eqn.invars[1], eqn.outvars[0]
+    numbers = eqn.params["dimension_numbers"]
+    if not (isinstance(view, _LeafView) and view.perm == (0, 1) and ins[1] is None
+            and view.leaf not in self.claimed
+            and tuple(numbers.collapsed_slice_dims) == (0,)
+            and tuple(numbers.start_index_map) == (0,)
+            and tuple(numbers.offset_dims) == (out.aval.ndim - 1,)
+            and not tuple(getattr(numbers, "operand_batching_dims", ()))
+            and tuple(eqn.params["slice_sizes"]) == (1, self.leaf_shapes[view.leaf][1])):
+      self._record_consumers("gather", ins, [None])
+      return
+    use = Use(self._new_id(), x_axes=(ids.aval.ndim - 1,), out_axes=(out.aval.ndim - 1,),
+              x_shape=tuple(ids.aval.shape), out_shape=tuple(out.aval.shape))
+    plan.perturb[out] = use.id
+    plan.capture[use.id] = (ids,)
+    self.matches.append(_Match("embedding", (view.leaf,), use, (), "found"))
+
+  def _finish_layers(self, jaxpr: Jaxpr, plan: interpret.Plan, origin: dict[Var, Any],
+                     pending: list[tuple[_Match, Var, Var, int, int]]) -> set[Var]:
+    """Finds dense and convolution biases and records the layers' uses.
+
+    Returns:
+      The outputs of the bias additions (not scale-and-shift layers).
+    """
     consumers = _consumers(jaxpr)
-    for match, x, out, x_axis, out_axis in pending:
-      bias, out = self._bias(jaxpr, out, out_axis, consumers, origin)
+    biased = set()
+    for match, x, out, x_axes, out_axes in pending:
+      bias, out = self._bias(jaxpr, out, out_axes, consumers, origin)
+      if bias is not None:
+        biased.add(out)
       match.leaves = (match.leaves[0], bias)
-      match.use = Use(self._new_id(), x_axis=x_axis, out_axis=out_axis,
+      match.use = Use(self._new_id(), x_axes=x_axes, out_axes=out_axes,
                       x_shape=tuple(x.aval.shape), out_shape=tuple(out.aval.shape))
       plan.perturb[out] = match.use.id
-      plan.capture[match.use.id] = x
+      plan.capture[match.use.id] = (x,)
+    return biased
 
-  def _bias(self, jaxpr: Jaxpr, out: Var, out_axis: int, consumers, origin):
+  def _affine_candidate(self, eqn, ins: list[Any], found: list[_Affine]) -> None:
+    if len(ins) != 2 or sum(o is not None for o in ins) != 1:
+      return
+    side = 0 if ins[0] is not None else 1
+    other = eqn.invars[1 - side]
+    view = _as_broadcast(ins[side])
+    out = eqn.outvars[0]
+    if (view is None or len(view.axes) != 1 or view.leaf in self.claimed or isinstance(other, Literal)
+        or other.aval.ndim != out.aval.ndim or eqn.invars[side].aval.ndim != out.aval.ndim):
+      return
+    found.append(_Affine(eqn.primitive.name, view.leaf, view.axes[0], other, out))
+
+  def _finish_affine(self, jaxpr: Jaxpr, plan: interpret.Plan, origin: dict[Var, Any],
+                     found: list[_Affine]) -> None:
+    """Scale-and-shift layers: `x̂ * scale (+ shift)` with `x̂` a product of activations.
+
+    A scale multiplies an activation; the product may be broadcast and
+    multiplied by further activations before it is used (flax's normalisation
+    layers scale `rsqrt(var + eps)` first, then multiply by `x - mean`): the
+    layer's input `x̂` is the product of every multiplicand, captured as its
+    factors, and its output is the end of that chain, or the `add` of a
+    shift right after it.
+    """
+    consumers = _consumers(jaxpr)
+    shifts = {a.other: a for a in found if a.op == "add"}
+    paired = set()
+    for scale in (a for a in found if a.op == "mul"):
+      view, out, factors = _BroadcastView(scale.leaf, (scale.axis,)), scale.out, [scale.other]
+      while out not in jaxpr.outvars and len(consumers.get(out, [])) == 1:
+        eqn = jaxpr.eqns[consumers[out][0]]
+        name = eqn.primitive.name
+        if name in ("broadcast_in_dim", "reshape"):
+          view = _propagate(eqn, [view])
+          if view is None:
+            break
+        elif name == "mul":
+          other = eqn.invars[1] if eqn.invars[0] is out else eqn.invars[0]
+          if (isinstance(other, Literal) or origin.get(other) is not None
+              or other.aval.ndim != out.aval.ndim or eqn.outvars[0].aval.ndim != out.aval.ndim):
+            break
+          factors.append(other)
+        else:
+          break
+        out = eqn.outvars[0]
+      shift = shifts.get(out)
+      if (shift is not None and (shift.axis,) == view.axes and shift.leaf != scale.leaf
+          and consumers.get(out) and len(consumers[out]) == 1):
+        paired.add(shift)
+        leaves, out = (scale.leaf, shift.leaf), shift.out
+      else:
+        leaves = (scale.leaf, None)
+      self._add_affine(plan, leaves, view.axes[0], out, factors)
+    for shift in found:
+      if shift.op == "add" and shift not in paired:
+        self._add_affine(plan, (None, shift.leaf), shift.axis, shift.out, [])
+
+  def _add_affine(self, plan: interpret.Plan, leaves: tuple[Optional[int], ...], axis: int,
+                  out: Var, factors: list[Var]) -> None:
+    shape = tuple(out.aval.shape)
+    use = Use(self._new_id(), x_axes=(axis,), out_axes=(axis,), x_shape=shape, out_shape=shape)
+    plan.perturb[out] = use.id
+    plan.capture[use.id] = tuple(factors)
+    self.matches.append(_Match("scale_and_shift", leaves, use, (("axes", (axis,)),), "found"))
+
+  def _bias(self, jaxpr: Jaxpr, out: Var, out_axes: tuple[int, ...], consumers, origin):
     users = consumers.get(out, [])
     if len(users) != 1 or out in jaxpr.outvars:
       return None, out
@@ -289,20 +417,18 @@ class _Walker:
     if eqn.primitive.name != "add" or eqn.outvars[0].aval.shape != out.aval.shape:
       return None, out
     other = eqn.invars[1] if eqn.invars[0] is out else eqn.invars[0]
-    view = None if isinstance(other, Literal) else _as_vector(origin.get(other), self.leaf_shapes)
-    size = out.aval.shape[out_axis]
-    if (view is None or view.axis != out_axis or view.leaf in self.claimed
-        or self.leaf_shapes[view.leaf] != (size,)):
+    view = None if isinstance(other, Literal) else _as_broadcast(origin.get(other))
+    shape = tuple(out.aval.shape[a] for a in out_axes)
+    if (view is None or view.axes != out_axes or view.leaf in self.claimed
+        or self.leaf_shapes[view.leaf] != shape):
       return None, out
     return view.leaf, eqn.outvars[0]
 
 
-def _as_vector(view: Any, leaf_shapes) -> Optional[_VectorView]:
-  if isinstance(view, _VectorView):
-    return view
-  if isinstance(view, _LeafView) and len(leaf_shapes[view.leaf]) == 1:
-    return _VectorView(view.leaf, 0)
-  return None
+def _as_broadcast(view: Any) -> Optional[_BroadcastView]:
+  if isinstance(view, _LeafView):
+    return _BroadcastView(view.leaf, tuple(view.perm.index(i) for i in range(len(view.perm))))
+  return view
 
 
 def _propagate(eqn, ins: list[Any]) -> Any:
@@ -316,25 +442,26 @@ def _propagate(eqn, ins: list[Any]) -> Any:
   in_shape = tuple(eqn.invars[0].aval.shape)
   out_shape = tuple(eqn.outvars[0].aval.shape)
   if name == "transpose":
-    perm = eqn.params["permutation"]
+    perm = tuple(eqn.params["permutation"])
     if isinstance(view, _LeafView):
       return _LeafView(view.leaf, tuple(view.perm[p] for p in perm))
-    return _VectorView(view.leaf, tuple(perm).index(view.axis))
-  if isinstance(view, _LeafView):
-    if len(view.perm) != 1:
-      return None
-    view = _VectorView(view.leaf, 0)
+    return _BroadcastView(view.leaf, tuple(perm.index(a) for a in view.axes))
+  view = _as_broadcast(view)
   if name == "broadcast_in_dim":
-    return _VectorView(view.leaf, eqn.params["broadcast_dimensions"][view.axis])
+    dims = eqn.params["broadcast_dimensions"]
+    return _BroadcastView(view.leaf, tuple(dims[a] for a in view.axes))
   if name == "squeeze":
     dims = [d % len(in_shape) for d in eqn.params["dimensions"]]
-    return _VectorView(view.leaf, view.axis - sum(d < view.axis for d in dims))
-  if name == "reshape":
-    size = in_shape[view.axis]
-    if size == 1 or math.prod(in_shape) != size:
-      return None
-    axes = [i for i, d in enumerate(out_shape) if d != 1]
-    return _VectorView(view.leaf, axes[0]) if len(axes) == 1 else None
+    return _BroadcastView(view.leaf, tuple(a - sum(d < a for d in dims) for a in view.axes))
+  if name == "reshape" and math.prod(in_shape) == math.prod(
+      in_shape[a] for a in view.axes):  # a leaf with size-1 axes added or removed
+    leaf_shape = tuple(in_shape[a] for a in view.axes)
+    lead = len(out_shape) - len(leaf_shape)
+    if lead >= 0 and out_shape[lead:] == leaf_shape:  # numpy's rule: the leaf trails
+      return _BroadcastView(view.leaf, tuple(range(lead, len(out_shape))))
+    big = [i for i, d in enumerate(out_shape) if d != 1]
+    if all(d != 1 for d in leaf_shape) and [out_shape[i] for i in big] == list(leaf_shape):
+      return _BroadcastView(view.leaf, tuple(big))
   return None
 
 
@@ -372,7 +499,9 @@ def _contains_primitive(jaxpr: Jaxpr, name: str) -> bool:
 
 
 def trace(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
-          has_aux: bool = False, reference: Optional[Sequence[Layer]] = None) -> Program:
+          has_aux: bool = False, reference: Optional[Sequence[Layer]] = None,
+          overrides: Optional[Mapping[str, str]] = None,
+          weight_sharing: str = "expand") -> Program:
   """Traces `loss_fn(params, *args)` and finds its layers and losses.
 
   Args:
@@ -382,6 +511,9 @@ def trace(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
     has_aux: whether `loss_fn` returns `(loss, aux)`.
     reference: the layers of an earlier trace; if given, this trace must find
       the same layers (used when the estimator meets new argument shapes).
+    overrides: per-layer block choices (`jkfac.overrides`).
+    weight_sharing: `"expand"` or `"reduce"`: how dense layers treat rows
+      beyond the batch (`jkfac.blocks.dense`).
 
   Returns:
     The program.
@@ -423,12 +555,27 @@ def trace(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
         "/ register_gaussian_predictive.")
   params_info = [Param(i, paths[i], shapes[i], jax.numpy.result_type(leaves[i]))
                  for i in range(num_params)]
+  _check_per_example(walker)
   layers, uses = _group(walker, params_info)
+  if weight_sharing == "reduce":
+    layers = tuple(dataclasses.replace(l, options=l.options + (("weight_sharing", "reduce"),))
+                   if l.kind == "dense" else l for l in layers)
+  layers, uses = overrides_lib.apply(layers, uses, overrides)
   if reference is not None and tuple(reference) != layers:
     raise ValueError(
         "Tracing the loss function with new argument shapes found different layers "
         "than at set-up. The model's structure must not depend on argument shapes.")
   return Program(plan, layers, uses, tuple(walker.losses), out_tree)
+
+
+def _check_per_example(walker: _Walker) -> None:
+  """Scale-and-shift statistics need the layer output's leading axis to be the batch."""
+  batch = {loss.prediction_shape[0] for loss in walker.losses if loss.prediction_shape}
+  for match in walker.matches:
+    if (match.kind == "scale_and_shift" and len(batch) == 1
+        and match.use.out_shape[:1] != tuple(batch)):
+      match.problem = (f"applied to an array of shape {match.use.out_shape}, whose leading "
+                       f"axis is not the batch ({batch.pop()} examples)")
 
 
 def _check_output(out_shape: Any, has_aux: bool) -> None:
@@ -468,13 +615,14 @@ def _group(walker: _Walker, params: list[Param]) -> tuple[tuple[Layer, ...], tup
   for group in groups.values():
     first = group[0]
     leaves = [leaf for leaf in first.leaves if leaf is not None]
-    if any((m.kind, m.leaves, m.options) != (first.kind, first.leaves, first.options)
-           for m in group):
+    problems = [m.problem for m in group if m.problem]
+    if problems:
+      reason = problems[0]
+    elif any((m.kind, m.leaves, m.options) != (first.kind, first.leaves, first.options)
+             for m in group):
       reason = "applied in several places with different structure"
     elif any(group_count[leaf] > 1 for leaf in leaves):
       reason = "shared by several layers"
-    elif first.kind not in blocks.REGISTRY:
-      reason = f"tagged as {first.kind!r}, which has no block yet"
     else:
       reason = None
     if reason is not None:

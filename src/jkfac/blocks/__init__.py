@@ -5,8 +5,9 @@ A block is an object with:
 
 - `roles`: the names of the parameters it owns, in order (`("kernel", "bias")`);
   the first is required, the others optional.
-- `needs`: `"activations"` (layer inputs and output derivatives) or
-  `"per_example_gradients"` (squared per-example parameter gradients).
+- `needs`: `"activations"` (layer inputs and output derivatives),
+  `"per_example_gradients"` (squared per-example parameter gradients) or
+  `"nothing"`.
 - `statistics(layer, captures) -> dict`: this batch's factors.
 - `inverse(layer, factors, damping, method) -> dict`: what `precondition`
   needs; `method` is `"cholesky"` or `"eigh"` (`linalg.damped_inverse`).
@@ -15,12 +16,16 @@ A block is an object with:
 - `describe(layer) -> str`: the factor shapes for the layer table.
 """
 
-from jkfac.blocks import dense, diagonal
+from jkfac.blocks import conv, dense, diagonal, embedding, none, scale_and_shift
 from jkfac.blocks.base import Block, Captures
 
 REGISTRY: dict[str, Block] = {
+    "conv": conv.BLOCK,
     "dense": dense.BLOCK,
     "diagonal": diagonal.BLOCK,
+    "embedding": embedding.BLOCK,
+    "none": none.BLOCK,
+    "scale_and_shift": scale_and_shift.BLOCK,
 }
 
 

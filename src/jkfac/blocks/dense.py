@@ -1,21 +1,31 @@
 # Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
 """The dense-layer Kronecker block (K-FAC, Martens & Grosse 2015, section 3).
 
-For `s = x @ w + b` the Fisher block is approximated by `A ⊗ G` with
-`A = mean(ā ā^T)` over the rows of the input (`ā` the input with a trailing 1
-when there is a bias) and `G = sum(g g^T)` over the rows of the output
-derivatives, which the estimator has scaled so that this sum is the
-per-example mean. A layer applied at several places (or over extra leading
-axes such as sequence positions) pools every row: the K-FAC-expand
-approximation of Eschenhagen et al. (2023), which is the usual K-FAC for a
-single use with one row per example.
+A dense layer contracts some axes of its input with some axes of its kernel:
+`x @ w + b`, `x @ w.T`, or an einsum projection such as `btd,dhk->bthk`
+(flax `DenseGeneral`, attention). Its kernel, as a matrix `W` of shape
+`(in, out)` (the contracted axes, then the others), gives `s = W^T ā`, and
+the Fisher block is approximated by `A ⊗ G` with `ā` the input features with
+a trailing 1 when there is a bias.
 
-The preconditioned gradient is `A^{-1} V G^{-1}` with `V = [∇w; ∇b]`, shape
-`(in + 1, out)` (section 4.2; the bias is the last row of `A`'s side).
+Rows beyond the batch (sequence positions, several applications of the same
+kernel) share the weight; the two approximations of Eschenhagen et al. (2023):
+
+- K-FAC-expand (the default): every row is an example of its own,
+  `A = mean over rows of ā ā^T`, `G = sum over rows of g g^T` (the estimator
+  scales the `g`s so that this sum is the per-example mean). With one row
+  per example this is the usual K-FAC.
+- K-FAC-reduce: rows are first aggregated per example,
+  `A = mean_n (mean_r ā_{n,r})(mean_r ā_{n,r})^T`,
+  `G = sum_n (sum_r g_{n,r})(sum_r g_{n,r})^T`; axis 0 is the batch.
+
+The preconditioned gradient is `A^{-1} [W; b] G^{-1}` (section 4.2; the bias
+is the last row of `A`'s side).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -26,15 +36,30 @@ from jkfac.blocks.base import Captures
 
 Array = jax.Array
 
-
-def _rows(x: Array, axis: int, dtype: Any) -> Array:
-  x = jnp.moveaxis(x.astype(dtype), axis, -1)
-  return x.reshape(-1, x.shape[-1])
+WEIGHT_SHARING = ("expand", "reduce")
 
 
-def _dims(layer) -> tuple[int, int]:
-  shape = layer.params[0].shape
-  return (shape[1], shape[0]) if layer.option("transposed") else shape
+def _features_last(x: Array, axes: Sequence[int], dtype: Any) -> Array:
+  """Moves `axes` to the end, in order, and flattens them."""
+  x = jnp.moveaxis(x.astype(dtype), tuple(axes), tuple(range(x.ndim - len(axes), x.ndim)))
+  return x.reshape(x.shape[:x.ndim - len(axes)] + (-1,))
+
+
+def _kernel_order(layer) -> tuple[int, ...]:
+  return tuple(layer.option("in_axes")) + tuple(layer.option("out_axes"))
+
+
+def kernel_matrix(layer, kernel: Array) -> Array:
+  """The kernel as the matrix `W`, shape `(in, out)`."""
+  shape = kernel.shape
+  matrix = jnp.transpose(kernel, _kernel_order(layer))
+  return matrix.reshape(math.prod(shape[a] for a in layer.option("in_axes")), -1)
+
+
+def _kernel_from_matrix(layer, matrix: Array, shape: Sequence[int]) -> Array:
+  order = _kernel_order(layer)
+  kernel = matrix.reshape(tuple(shape[a] for a in order))
+  return jnp.transpose(kernel, [order.index(a) for a in range(len(shape))])
 
 
 class DenseBlock:
@@ -54,19 +79,24 @@ class DenseBlock:
       `{"A": (in[+1], in[+1]), "G": (out, out)}`.
     """
     dtype = captures.dtype
-    xx, x_sum, g_cov, rows = 0.0, 0.0, 0.0, 0
-    for use, x, g in zip(captures.uses, captures.inputs, captures.output_grads):
-      x_rows = _rows(x, use.x_axis, dtype)
-      xx = xx + x_rows.T @ x_rows
-      x_sum = x_sum + jnp.sum(x_rows, axis=0)
-      g_rows = _rows(g, use.out_axis + 1, dtype)  # axis 0 of g counts passes
-      g_cov = g_cov + g_rows.T @ g_rows
-      rows += x_rows.shape[0]
-    a = xx / rows
+    pairs = [(_features_last(x, use.x_axes, dtype),
+              _features_last(g, [a + 1 for a in use.out_axes], dtype))  # g's axis 0: passes
+             for use, x, g in zip(captures.uses, captures.inputs, captures.output_grads)]
+    if layer.option("weight_sharing", "expand") == "reduce":
+      rows = sum(math.prod(x.shape[1:-1]) for x, _ in pairs)  # per example, all uses
+      x = sum(jnp.sum(x.reshape(x.shape[0], -1, x.shape[-1]), axis=1) for x, _ in pairs) / rows
+      g = sum(jnp.sum(g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]), axis=2)
+              for _, g in pairs).reshape(-1, pairs[0][1].shape[-1])
+      a, mean, g_cov = x.T @ x / x.shape[0], jnp.mean(x, axis=0), g.T @ g
+    else:
+      rows = sum(math.prod(x.shape[:-1]) for x, _ in pairs)
+      flat = [(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])) for x, g in pairs]
+      a = sum(x.T @ x for x, _ in flat) / rows
+      mean = sum(jnp.sum(x, axis=0) for x, _ in flat) / rows
+      g_cov = sum(g.T @ g for _, g in flat)
     if layer.option("bias"):
-      mean = (x_sum / rows)[:, None]
-      one = jnp.ones((1, 1), dtype)
-      a = jnp.block([[a, mean], [mean.T, one]])
+      mean = mean[:, None]
+      a = jnp.block([[a, mean], [mean.T, jnp.ones((1, 1), dtype)]])
     return {"A": a, "G": g_cov}
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,
@@ -77,24 +107,25 @@ class DenseBlock:
 
   def precondition(self, layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
-    """Returns `A^{-1} [∇w; ∇b] G^{-1}`, split back into kernel and bias."""
+    """Returns `A^{-1} [W; b] G^{-1}`, split back into kernel and bias."""
     dtype = inverse["A_inv"].dtype
-    kernel = grads[0].T if layer.option("transposed") else grads[0]
-    v = kernel.astype(dtype)
+    v = kernel_matrix(layer, grads[0].astype(dtype))
+    rows = v.shape[0]
     if layer.option("bias"):
-      v = jnp.concatenate([v, grads[1].astype(dtype)[None, :]], axis=0)
+      v = jnp.concatenate([v, grads[1].astype(dtype).reshape(1, -1)], axis=0)
     u = inverse["A_inv"] @ v @ inverse["G_inv"]
-    new_kernel = u[:kernel.shape[0]]
-    new_kernel = (new_kernel.T if layer.option("transposed") else new_kernel)
-    out = (new_kernel.astype(grads[0].dtype),)
+    out = (_kernel_from_matrix(layer, u[:rows], grads[0].shape).astype(grads[0].dtype),)
     if layer.option("bias"):
-      out += (u[-1].astype(grads[1].dtype),)
+      out += (u[rows].reshape(grads[1].shape).astype(grads[1].dtype),)
     return out
 
   def describe(self, layer) -> str:
-    fan_in, fan_out = _dims(layer)
+    shape = layer.params[0].shape
+    fan_in = math.prod(shape[i] for i in layer.option("in_axes"))
+    fan_out = math.prod(shape[i] for i in layer.option("out_axes"))
     a = fan_in + (1 if layer.option("bias") else 0)
-    return f"A {a}x{a}, G {fan_out}x{fan_out}"
+    sharing = ", reduce" if layer.option("weight_sharing") == "reduce" else ""
+    return f"A {a}x{a}, G {fan_out}x{fan_out}{sharing}"
 
 
 BLOCK = DenseBlock()

@@ -1,0 +1,260 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""The convolution Kronecker block (KFC, Grosse & Martens 2016).
+
+For `s = conv(x, w) + b`, with `T` output locations per example, the Fisher
+block is approximated by `Ω ⊗ Γ` (the paper's names; `A ⊗ G` in jkfac):
+
+- `A = Ω`, the mean over examples and output locations of `ā ā^T`, where `ā`
+  is the input patch read at a location (channel-major, then the kernel's
+  spatial offsets, exactly as `lax.conv_general_dilated_patches` orders it),
+  with a trailing 1 when there is a bias;
+- `G = Γ`, the mean over examples of the sum over locations of `g g^T`, `g`
+  the derivative at one location (the paper's `T Γ`, folded into `G` so that
+  the dense formulas hold unchanged).
+
+Any `lax.conv_general_dilated` is covered: 1-, 2- and 3-D, strides, explicit
+padding (SAME and VALID resolve to it), kernel dilation, input dilation
+(transposed convolutions), any layout through `dimension_numbers`. A grouped
+convolution (`feature_group_count = k`, depthwise when every group has one
+input channel) is `k` independent blocks, one per group: its factors carry a
+leading group axis. Patches are built batch chunk by batch chunk when the
+whole patch matrix would exceed `PATCH_BYTES`, with the same result.
+
+The preconditioned gradient of group `j` is `A_j^{-1} [W_j; b_j] G_j^{-1}`,
+`W_j` the group's kernel as a `(in/k · kernel size, out/k)` matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jkfac import linalg
+from jkfac.blocks.base import Captures
+
+Array = jax.Array
+
+PATCH_BYTES = 1 << 28  # largest patch matrix built at once (256 MiB)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+  """The static arguments of a convolution, in canonical form.
+
+  Attributes:
+    window_strides: per spatial dimension.
+    padding: `(low, high)` per spatial dimension.
+    lhs_dilation: input dilation per spatial dimension (transposed convs).
+    rhs_dilation: kernel dilation per spatial dimension.
+    lhs_spec: the input's axes: batch, feature, then spatial.
+    rhs_spec: the kernel leaf's axes: output feature, input feature, spatial.
+    out_spec: the output's axes: batch, feature, spatial.
+    groups: `feature_group_count`.
+  """
+  window_strides: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  lhs_dilation: tuple[int, ...]
+  rhs_dilation: tuple[int, ...]
+  lhs_spec: tuple[int, ...]
+  rhs_spec: tuple[int, ...]
+  out_spec: tuple[int, ...]
+  groups: int
+
+  @property
+  def kernel_spatial(self) -> tuple[int, ...]:
+    return self.rhs_spec[2:]
+
+
+def spec_from_params(params: dict[str, Any], rhs_perm: Sequence[int]) -> Optional[ConvSpec]:
+  """The spec of a `conv_general_dilated` equation whose kernel is a view.
+
+  Args:
+    params: the equation's parameters.
+    rhs_perm: the kernel view's axis permutation (view axis i is leaf axis
+      `rhs_perm[i]`).
+
+  Returns:
+    The spec in the kernel leaf's axes, or None when the block does not
+    apply (`batch_group_count > 1`, which only gradients of convolutions use).
+  """
+  if params.get("batch_group_count", 1) != 1:
+    return None
+  numbers = params["dimension_numbers"]
+  padding = params["padding"]
+  if isinstance(padding, str):
+    return None
+  spatial = len(numbers.lhs_spec) - 2
+  return ConvSpec(
+      window_strides=tuple(params["window_strides"]),
+      padding=tuple((int(lo), int(hi)) for lo, hi in padding),
+      lhs_dilation=tuple(params.get("lhs_dilation") or (1,) * spatial),
+      rhs_dilation=tuple(params.get("rhs_dilation") or (1,) * spatial),
+      lhs_spec=tuple(numbers.lhs_spec),
+      rhs_spec=tuple(rhs_perm[a] for a in numbers.rhs_spec),
+      out_spec=tuple(numbers.out_spec),
+      groups=int(params["feature_group_count"]))
+
+
+def spec_from_args(x_shape: Sequence[int], w_shape: Sequence[int],
+                   **conv_args: Any) -> ConvSpec:
+  """The spec of `lax.conv_general_dilated(x, w, **conv_args)` (for `register_conv`).
+
+  Args:
+    x_shape: the input's shape.
+    w_shape: the kernel's shape.
+    **conv_args: `window_strides`, `padding` (a string or pairs),
+      `lhs_dilation`, `rhs_dilation`, `dimension_numbers`,
+      `feature_group_count`, as `lax.conv_general_dilated` takes them.
+
+  Returns:
+    The canonical spec.
+  """
+  unknown = set(conv_args) - {"window_strides", "padding", "lhs_dilation", "rhs_dilation",
+                              "dimension_numbers", "feature_group_count", "precision",
+                              "preferred_element_type"}
+  if unknown:
+    raise ValueError(f"register_conv: unknown convolution arguments {sorted(unknown)}.")
+  spatial = len(x_shape) - 2
+  numbers = lax.conv_dimension_numbers(tuple(x_shape), tuple(w_shape),
+                                       conv_args.get("dimension_numbers"))
+  strides = tuple(conv_args.get("window_strides") or (1,) * spatial)
+  lhs_dilation = tuple(conv_args.get("lhs_dilation") or (1,) * spatial)
+  rhs_dilation = tuple(conv_args.get("rhs_dilation") or (1,) * spatial)
+  padding = conv_args.get("padding", "VALID")
+  if isinstance(padding, str):
+    in_spatial = [(x_shape[a] - 1) * d + 1 for a, d in zip(numbers.lhs_spec[2:], lhs_dilation)]
+    window = [(w_shape[a] - 1) * d + 1 for a, d in zip(numbers.rhs_spec[2:], rhs_dilation)]
+    padding = lax.padtype_to_pads(in_spatial, window, strides, padding)
+  return ConvSpec(strides, tuple((int(lo), int(hi)) for lo, hi in padding), lhs_dilation,
+                  rhs_dilation, tuple(numbers.lhs_spec), tuple(numbers.rhs_spec),
+                  tuple(numbers.out_spec), int(conv_args.get("feature_group_count", 1)))
+
+
+def _patches(x: Array, spec: ConvSpec, kernel_shape: Sequence[int]) -> Array:
+  """Input patches, shape `(rows, in · kernel size)`, rows = examples x locations."""
+  spatial = len(spec.window_strides)
+  numbers = lax.ConvDimensionNumbers(  # patches out as (batch, spatial..., features)
+      lhs_spec=spec.lhs_spec, rhs_spec=tuple(range(spatial + 2)),
+      out_spec=(0, spatial + 1) + tuple(range(1, spatial + 1)))
+  patches = lax.conv_general_dilated_patches(
+      x, filter_shape=tuple(kernel_shape[a] for a in spec.kernel_spatial),
+      window_strides=spec.window_strides, padding=spec.padding,
+      lhs_dilation=spec.lhs_dilation, rhs_dilation=spec.rhs_dilation,
+      dimension_numbers=numbers, precision=lax.Precision.HIGHEST)
+  return patches.reshape(-1, patches.shape[-1])
+
+
+def _patch_moments(x: Array, spec: ConvSpec, kernel_shape: Sequence[int]) -> tuple[Array, Array]:
+  """Sums over rows of `p p^T` per group, shape `(groups, d, d)`, and of `p`."""
+  groups = spec.groups
+
+  def moments(x_chunk):
+    p = _patches(x_chunk, spec, kernel_shape)
+    p = p.reshape(p.shape[0], groups, -1)
+    return jnp.einsum("rgi,rgj->gij", p, p), jnp.sum(p, axis=0)
+
+  batch_axis = spec.lhs_spec[0]
+  n = x.shape[batch_axis]
+  per_example = (math.prod(x.shape) // n * math.prod(spec.lhs_dilation)  # generous: bytes of
+                 * math.prod(kernel_shape[a] for a in spec.kernel_spatial) * 4)  # its patches
+  chunks = min(n, max(1, math.ceil(n * per_example / PATCH_BYTES)))
+  if chunks == 1:
+    return moments(x)
+  size = math.ceil(n / chunks)
+  x = jnp.moveaxis(x, batch_axis, 0)
+  x = jnp.pad(x, [(0, size * chunks - n)] + [(0, 0)] * (x.ndim - 1))  # zero examples add 0
+  x = x.reshape((chunks, size) + x.shape[1:])
+  x = jnp.moveaxis(x, 1, batch_axis + 1)
+  squares, sums = lax.map(moments, x)
+  return jnp.sum(squares, axis=0), jnp.sum(sums, axis=0)
+
+
+def _kernel_matrix(kernel: Array, spec: ConvSpec) -> Array:
+  """The kernel as per-group matrices `(groups, in/groups · kernel size, out/groups)`."""
+  order = (spec.rhs_spec[1],) + spec.kernel_spatial + (spec.rhs_spec[0],)
+  matrix = jnp.transpose(kernel, order)
+  matrix = matrix.reshape(-1, spec.groups, kernel.shape[spec.rhs_spec[0]] // spec.groups)
+  return jnp.moveaxis(matrix, 1, 0)
+
+
+def _kernel_from_matrix(matrix: Array, spec: ConvSpec, shape: Sequence[int]) -> Array:
+  order = (spec.rhs_spec[1],) + spec.kernel_spatial + (spec.rhs_spec[0],)
+  kernel = jnp.moveaxis(matrix, 0, 1).reshape(tuple(shape[a] for a in order))
+  return jnp.transpose(kernel, [order.index(a) for a in range(len(shape))])
+
+
+class ConvBlock:
+  """Kronecker-factored block of a convolution, one per feature group."""
+
+  roles = ("kernel", "bias")
+  needs = "activations"
+
+  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+    """Returns per-group `A` (patch second moments) and `G` of this batch.
+
+    Args:
+      layer: the layer (`tracing.Layer`), with its `ConvSpec` in option "conv".
+      captures: its inputs and output derivatives, one entry per use.
+
+    Returns:
+      `{"A": (groups, d[+1], d[+1]), "G": (groups, out/groups, out/groups)}`.
+    """
+    spec: ConvSpec = layer.option("conv")
+    kernel_shape = layer.params[0].shape
+    dtype = captures.dtype
+    groups = spec.groups
+    squares, sums, g_cov, rows = 0.0, 0.0, 0.0, 0
+    for x, g in zip(captures.inputs, captures.output_grads):
+      square, total = _patch_moments(x.astype(dtype), spec, kernel_shape)
+      squares, sums = squares + square, sums + total
+      rows += math.prod(g.shape[1:]) // g.shape[1 + spec.out_spec[1]]
+      g = jnp.moveaxis(g.astype(dtype), 1 + spec.out_spec[1], -1)
+      g = g.reshape(-1, groups, g.shape[-1] // groups)
+      g_cov = g_cov + jnp.einsum("rgi,rgj->gij", g, g)
+    a = squares / rows
+    if layer.option("bias"):
+      mean = (sums / rows)[:, :, None]
+      one = jnp.ones((groups, 1, 1), dtype)
+      a = jnp.concatenate([jnp.concatenate([a, mean], axis=2),
+                           jnp.concatenate([jnp.swapaxes(mean, 1, 2), one], axis=2)], axis=1)
+    return {"A": a, "G": g_cov}
+
+  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+              method: str = "cholesky") -> dict[str, Array]:
+    """Returns each group's damped factor inverses (factored Tikhonov with π)."""
+    a_inv, g_inv, pi = jax.vmap(
+        lambda a, g: linalg.kronecker_inverses(a, g, damping, method))(factors["A"], factors["G"])
+    return {"A_inv": a_inv, "G_inv": g_inv, "pi": pi}
+
+  def precondition(self, layer, inverse: dict[str, Array],
+                   grads: Sequence[Array]) -> tuple[Array, ...]:
+    """Returns `A_j^{-1} [W_j; b_j] G_j^{-1}` per group, as kernel and bias."""
+    spec: ConvSpec = layer.option("conv")
+    dtype = inverse["A_inv"].dtype
+    v = _kernel_matrix(grads[0].astype(dtype), spec)
+    kernel_rows = v.shape[1]
+    if layer.option("bias"):
+      v = jnp.concatenate([v, grads[1].astype(dtype).reshape(spec.groups, 1, -1)], axis=1)
+    u = inverse["A_inv"] @ v @ inverse["G_inv"]
+    kernel = _kernel_from_matrix(u[:, :kernel_rows], spec, grads[0].shape)
+    out = (kernel.astype(grads[0].dtype),)
+    if layer.option("bias"):
+      out += (u[:, -1].reshape(-1).astype(grads[1].dtype),)
+    return out
+
+  def describe(self, layer) -> str:
+    spec: ConvSpec = layer.option("conv")
+    shape = layer.params[0].shape
+    fan_in = shape[spec.rhs_spec[1]] * math.prod(shape[a] for a in spec.kernel_spatial)
+    a = fan_in + (1 if layer.option("bias") else 0)
+    out = shape[spec.rhs_spec[0]] // spec.groups
+    per = f" per group, {spec.groups} groups" if spec.groups > 1 else ""
+    return f"A {a}x{a}, G {out}x{out}{per}"
+
+
+BLOCK = ConvBlock()

@@ -1,0 +1,67 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""The embedding block: a lookup `y = table[ids]` as a Kronecker block.
+
+A lookup is a dense layer whose input is the one-hot vector of the id, so
+`A = mean(onehot onehot^T)` is diagonal: the ids' frequencies over the
+batch's rows (never a vocabulary-sized matrix; stored as a vector), and
+`G = sum(g g^T)` over the rows, as for a dense layer (the estimator scales
+the `g`s so that this sum is the per-example mean). The preconditioned
+gradient is `diag(1 / (counts + π√λ)) ∇table (G + √λ/π I)^{-1}` (factored
+Tikhonov damping, K-FAC section 6.3). Ids outside the table (which
+`jnp.take` fills and indexing clamps) count for nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jkfac import linalg
+from jkfac.blocks.base import Captures
+
+Array = jax.Array
+
+
+class EmbeddingBlock:
+  """Kronecker block of a lookup table, with a diagonal input factor."""
+
+  roles = ("table",)
+  needs = "activations"
+
+  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+    """Returns `{"A": id frequencies (vocab,), "G": (features, features)}`."""
+    vocab, features = layer.params[0].shape
+    dtype = captures.dtype
+    counts, g_cov, rows = jnp.zeros((vocab,), dtype), 0.0, 0
+    for ids, g in zip(captures.inputs, captures.output_grads):
+      ids = ids.reshape(-1).astype(jnp.int32)
+      counts = counts.at[ids].add(jnp.ones(ids.shape, dtype), mode="drop")
+      rows += ids.shape[0]
+      g_rows = g.astype(dtype).reshape(-1, features)
+      g_cov = g_cov + g_rows.T @ g_rows
+    return {"A": counts / rows, "G": g_cov}
+
+  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+              method: str = "cholesky") -> dict[str, Array]:
+    """Returns `1 / (counts + π√λ)` and `(G + √λ/π I)^{-1}`."""
+    a, g = factors["A"], factors["G"]
+    pi = linalg.pi_from_traces(jnp.sum(a), a.shape[0], jnp.trace(g), g.shape[0])
+    root = jnp.sqrt(damping).astype(a.dtype)
+    return {"A_inv": 1.0 / (jnp.maximum(a, 0.0) + pi * root),
+            "G_inv": linalg.damped_inverse(g, root / pi, method), "pi": pi}
+
+  def precondition(self, layer, inverse: dict[str, Array],
+                   grads: Sequence[Array]) -> tuple[Array, ...]:
+    """Returns `diag(A_inv) ∇table G_inv`."""
+    dtype = inverse["G_inv"].dtype
+    u = (inverse["A_inv"][:, None] * grads[0].astype(dtype)) @ inverse["G_inv"]
+    return (u.astype(grads[0].dtype),)
+
+  def describe(self, layer) -> str:
+    vocab, features = layer.params[0].shape
+    return f"A diag {vocab}, G {features}x{features}"
+
+
+BLOCK = EmbeddingBlock()
