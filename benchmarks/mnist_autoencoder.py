@@ -36,9 +36,11 @@ RESULTS = HERE / "results"
 import harness  # pylint: disable=g-import-not-at-top
 
 # jkfac: learning rate and momentum from the quadratic model, Levenberg-
-# Marquardt damping (K-FAC sections 6-7), statistics on 1/8 of each batch.
+# Marquardt damping (K-FAC sections 6-7), statistics on 1/8 of each batch,
+# the quadratic model's curvature products on 1/4 ("jkfac_full_curvature":
+# on the whole batch, as the paper).
 JKFAC = dict(learning_rate=None, momentum=None, damping=1.0, inverse_every=20,
-             stats_fraction=0.125)
+             stats_fraction=0.125, curvature_fraction=0.25)
 # Fixed learning rate, momentum and damping, inverses every 20 steps: the
 # settings at which jkfac's and kfac-jax's step times are compared.
 FIXED = dict(learning_rate=0.1, momentum=0.9, damping=10.0, inverse_every=20)
@@ -47,7 +49,7 @@ SGD_GRID = (0.01, 0.03, 0.1)
 QUICK_ADAM_GRID = (1e-3,)
 QUICK_SGD_GRID = (0.01,)
 ALL = ("jkfac", "jkfac_fixed", "jkfac_fixed_eighth", "adam", "sgd",
-       "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats")
+       "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats", "jkfac_full_curvature")
 QUICK = ("jkfac", "adam", "sgd", "kfac_jax")
 
 
@@ -96,8 +98,12 @@ def planned_runs(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, 
   runs = []
   if "jkfac" in wanted:
     runs.append(dict(name="jkfac", kind="jkfac", **JKFAC))
+  if "jkfac_full_curvature" in wanted:
+    runs.append(dict(name="jkfac full-batch curvature", kind="jkfac",
+                     **dict(JKFAC, curvature_fraction=1.0)))
   if "jkfac_full_stats" in wanted:
-    runs.append(dict(name="jkfac full-batch stats", kind="jkfac", **dict(JKFAC, stats_fraction=1.0)))
+    runs.append(dict(name="jkfac full-batch stats", kind="jkfac",
+                     **dict(JKFAC, stats_fraction=1.0, curvature_fraction=1.0)))
   if "jkfac_fixed" in wanted:
     runs.append(dict(name="jkfac fixed", kind="jkfac", stats_fraction=1.0, **fixed))
   if "jkfac_fixed_eighth" in wanted:
@@ -158,11 +164,12 @@ def make_step(run: dict[str, Any], params, example_batch, activation: str):
   if run["kind"] == "jkfac":
     import jkfac
     est = jkfac.estimator(functools.partial(autoencoder.jkfac_objective, activation=activation),
-                          params, example_batch, stats_fraction=run["stats_fraction"])
+                          params, example_batch, stats_fraction=run["stats_fraction"],
+                          curvature_fraction=run.get("curvature_fraction", 1.0))
     tx = jkfac.kfac(est, learning_rate=run["learning_rate"], momentum=run["momentum"],
                     damping=run["damping"], l2_reg=autoencoder.L2,
                     inverse_every=run["inverse_every"])
-    run["optimizer_args"] = "jkfac.kfac(est, learning_rate={learning_rate}, momentum={momentum}, damping={damping}, l2_reg={l2}, inverse_every={inverse_every}); estimator stats_fraction={stats_fraction}".format(l2=autoencoder.L2, **run)
+    run["optimizer_args"] = "jkfac.kfac(est, learning_rate={learning_rate}, momentum={momentum}, damping={damping}, l2_reg={l2}, inverse_every={inverse_every}); estimator stats_fraction={stats_fraction}, curvature_fraction={cf}".format(l2=autoencoder.L2, cf=run.get("curvature_fraction", 1.0), **run)
 
     @jax.jit
     def step(params, state, batch, key):

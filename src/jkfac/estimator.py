@@ -47,10 +47,10 @@ class Statistics:
     extras: anything else a transform needs, keyed by name:
       `"curvature"`, a `jax.tree_util.Partial` taking a list of vectors
       (pytrees shaped as the parameters) and returning their Gram matrix
-      `v_i^T F v_j` under the exact Fisher of the whole batch (whatever
-      `stats_fraction`, as the quadratic model of K-FAC section 7 is the
-      batch's); `"loss"`, the batch's loss; and
-      `"loss_at"`, a `Partial` giving the batch's loss at other parameters.
+      `v_i^T F v_j` under the exact Fisher of the batch; `"loss_at"`, a
+      `Partial` giving the loss at other parameters, both on the batch's
+      first `curvature_fraction` (the whole batch by default, as in K-FAC
+      section 7); and `"loss"`, the batch's loss.
   """
 
   def __init__(self, factors: dict[str, dict[str, Array]], estimator_id: int,
@@ -80,11 +80,14 @@ class Estimator:
 
   def __init__(self, loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
                mode: str, has_aux: bool, stats_fraction: float, fisher_samples: int,
-               overrides: Optional[dict[str, str]] = None, weight_sharing: str = "expand"):
+               overrides: Optional[dict[str, str]] = None, weight_sharing: str = "expand",
+               curvature_fraction: float = 1.0):
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    if not 0.0 < stats_fraction <= 1.0:
-      raise ValueError(f"stats_fraction must be in (0, 1], got {stats_fraction}.")
+    for name, fraction in (("stats_fraction", stats_fraction),
+                           ("curvature_fraction", curvature_fraction)):
+      if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {fraction}.")
     if weight_sharing not in dense.WEIGHT_SHARING:
       raise ValueError(f"weight_sharing must be one of {dense.WEIGHT_SHARING}, got "
                        f"{weight_sharing!r}.")
@@ -94,6 +97,7 @@ class Estimator:
     self.mode = mode
     self.has_aux = has_aux
     self.stats_fraction = stats_fraction
+    self.curvature_fraction = curvature_fraction
     self.fisher_samples = fisher_samples
     self.overrides = dict(overrides or {})
     self.weight_sharing = weight_sharing
@@ -135,7 +139,7 @@ class Estimator:
         program, flat_params, flat_args, with_grads=True)
     stats_program, stats_args = program, flat_args
     if self.stats_fraction < 1.0:
-      stats_args = self._subset(program, flat_args)
+      stats_args = self._subset(program, flat_args, self.stats_fraction)
       stats_program = self._program(flat_params, stats_args, args_tree)
       _, _, inputs, preds, targets, backward = self._forward(
           stats_program, flat_params, stats_args, with_grads=False)
@@ -156,10 +160,8 @@ class Estimator:
     grads = jax.tree_util.tree_unflatten(self.params_tree, grads)
     value = (loss, aux) if self.has_aux else loss
     extras = {
-        "curvature": jax.tree_util.Partial(  # on the whole batch (K-FAC section 7)
-            functools.partial(self._curvature_gram, program), flat_params, flat_args),
         "loss": jax.lax.stop_gradient(loss),
-        "loss_at": jax.tree_util.Partial(functools.partial(self._loss_at, program), flat_args),
+        **self._quadratic_model_extras(program, flat_params, flat_args, args_tree),
     }
     return value, grads, Statistics(factors, self.id, extras)
 
@@ -343,10 +345,23 @@ class Estimator:
                                           weight_sharing=self.weight_sharing)
     return self._programs[key]
 
-  def _subset(self, program: tracing.Program, flat_args: list[Array]) -> list[Array]:
-    """The first `stats_fraction` of the batch, for the curvature statistics."""
+  def _quadratic_model_extras(self, program: tracing.Program, flat_params: list[Array],
+                              flat_args: list[Array], args_tree: Any) -> dict[str, Any]:
+    """`"curvature"` and `"loss_at"` on the first `curvature_fraction` of the batch."""
+    if self.curvature_fraction < 1.0:
+      flat_args = self._subset(program, flat_args, self.curvature_fraction)
+      program = self._program(flat_params, flat_args, args_tree)
+    return {
+        "curvature": jax.tree_util.Partial(functools.partial(self._curvature_gram, program),
+                                           flat_params, flat_args),
+        "loss_at": jax.tree_util.Partial(functools.partial(self._loss_at, program), flat_args),
+    }
+
+  def _subset(self, program: tracing.Program, flat_args: list[Array],
+              fraction: float) -> list[Array]:
+    """The first `fraction` of the batch (arguments with the batch's leading size)."""
     n = _batch_size(program, "stats_fraction")
-    m = max(1, int(round(n * self.stats_fraction)))
+    m = max(1, int(round(n * fraction)))
     return [a[:m] if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n else a for a in flat_args]
 
   def table(self) -> str:
@@ -401,7 +416,8 @@ def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = 
               has_aux: bool = False, stats_fraction: float = 1.0,
               fisher_samples: int = 1,
               overrides: Optional[dict[str, str]] = None,
-              weight_sharing: str = "expand") -> Estimator:
+              weight_sharing: str = "expand",
+              curvature_fraction: float = 1.0) -> Estimator:
   """Traces `loss_fn` once and returns the one-pass estimator `est`.
 
   The loss function computes its value with a jkfac loss
@@ -432,10 +448,14 @@ def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = 
       positions) or several times are approximated: `"expand"` (every row an
       example) or `"reduce"` (rows aggregated per example), the two K-FAC
       variants of Eschenhagen et al. (2023); see `jkfac.blocks.dense`.
+    curvature_fraction: the fraction of the batch (its first examples) on
+      which `stats.extras["curvature"]` computes exact curvature products
+      for the quadratic model of `jkfac.kfac` (a forward pass and one
+      forward-mode product per vector); 1, the paper's choice, by default.
 
   Returns:
     The estimator: call it as `est(params, *args, rng=key)`; `print(est)`
     shows the layer table.
   """
   return Estimator(loss_fn, params, args, mode, has_aux, stats_fraction, fisher_samples,
-                   overrides, weight_sharing)
+                   overrides, weight_sharing, curvature_fraction)

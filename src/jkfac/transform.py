@@ -310,9 +310,10 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     if not adapting:
       return step, KFACState(first, second, state.damping, state.reduction_ratio)
 
-    def measure(_):
-      new_loss = stats.extras["loss_at"](optax.apply_updates(params, step))
-      change = (new_loss - stats.extras["loss"]).astype(est.factor_dtype)
+    def measure(_):  # on the examples the quadratic model was built on
+      loss_at = stats.extras["loss_at"]
+      old_loss = stats.extras["loss"] if est.curvature_fraction == 1.0 else loss_at(params)
+      change = (loss_at(optax.apply_updates(params, step)) - old_loss).astype(est.factor_dtype)
       return change / second.predicted_change
 
     rho = jax.lax.cond((count + 1) % damping_interval == 0, measure,
