@@ -44,10 +44,16 @@ def moving_averages(layers: Layers, bias: bool = True) -> int:
   return sum(3 * ((i + extra) ** 2 + o ** 2) for i, o in layers)
 
 
-def inverses(layers: Layers, bias: bool = True) -> int:
-  """Eigendecompositions and damped inverses of every factor."""
+def inverses(layers: Layers, bias: bool = True, method: str = "cholesky") -> int:
+  """Damped inverses of every factor.
+
+  `"cholesky"`: the factorisation (n³/3) and two triangular solves against
+  the identity (n³ each); `"eigh"`: the eigendecomposition (about 9 n³) and
+  `Q diag Q^T` (2 n³).
+  """
   extra = 1 if bias else 0
-  return sum(11 * ((i + extra) ** 3 + o ** 3) for i, o in layers)
+  per_cube = {"cholesky": 7 / 3, "eigh": 11}[method]
+  return int(sum(per_cube * ((i + extra) ** 3 + o ** 3) for i, o in layers))
 
 
 def precondition(layers: Layers, bias: bool = True) -> int:

@@ -36,6 +36,24 @@ def run_in_subprocess(script: str, run: dict[str, Any], argv: list[str]) -> dict
     return json.loads(out.read_text())
 
 
+def kfac_jax_status() -> tuple[bool, str]:
+  """(True, version) when kfac-jax imports and works here, else (False, why)."""
+  try:
+    import kfac_jax_runner
+    return kfac_jax_runner.available()
+  except ImportError as e:
+    return False, str(e)
+
+
+def run_all(script: str, runs: list[dict[str, Any]], argv: list[str]) -> list[dict[str, Any]]:
+  """Runs every run in its own process, one after the other; reports failures."""
+  records = [run_in_subprocess(script, run, argv) for run in runs]
+  for r in records:
+    if "error" in r:
+      print(f"  {r['name']}: FAILED ({r['error']})")
+  return records
+
+
 def worker(spec_json: str, train: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
   """The `--worker` side of `run_in_subprocess`."""
   spec = json.loads(spec_json)

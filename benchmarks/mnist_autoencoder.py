@@ -255,21 +255,14 @@ def main(argv=None) -> None:
   if args.worker:
     harness.worker(args.worker, functools.partial(train, args=args))
     return
-  try:
-    import kfac_jax_runner
-    kfac_jax_ok, kfac_jax_note = kfac_jax_runner.available()
-  except ImportError as e:
-    kfac_jax_ok, kfac_jax_note = False, str(e)
+  kfac_jax_ok, kfac_jax_note = harness.kfac_jax_status()
   runs = planned_runs(args, kfac_jax_ok)
   print(f"MNIST autoencoder {'(quick) ' if args.quick else ''}{args.steps} steps, batch "
         f"{'growing from ' if args.growing_batch else ''}{args.batch_size}, {args.activation}; "
         f"{len(runs)} runs: {', '.join(r['name'] for r in runs)}", flush=True)
   if not kfac_jax_ok:
     print(f"kfac-jax not run: {kfac_jax_note}", flush=True)
-  records = [harness.run_in_subprocess(__file__, run, argv) for run in runs]
-  for r in records:
-    if "error" in r:
-      print(f"  {r['name']}: FAILED ({r['error']})")
+  records = harness.run_all(__file__, runs, argv)
   summary = summarise(records)
   stem = args.out or ("mnist_autoencoder_quick" if args.quick else "mnist_autoencoder")
   RESULTS.mkdir(parents=True, exist_ok=True)

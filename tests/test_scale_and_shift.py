@@ -108,3 +108,55 @@ def test_register_scale_and_shift_checks_shapes():
   x = jnp.ones((2, 4, 3))
   with pytest.raises(ValueError, match="shapes do not match"):
     jkfac.register_scale_and_shift(x, x, jnp.ones(4))
+
+
+class ResNetBlock(nn.Module):
+  """A residual block with BatchNorm, as in ResNets."""
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(nn.BatchNorm(use_running_average=False)(nn.Conv(4, (3, 3), use_bias=False)(x)))
+    y = nn.BatchNorm(use_running_average=False)(nn.Conv(4, (3, 3), use_bias=False)(y))
+    shortcut = nn.Conv(4, (1, 1), use_bias=False)(x)
+    return nn.Dense(CLASSES)(nn.relu(shortcut + y).mean(axis=(1, 2)))
+
+
+def test_resnet_style_model_has_no_parameter_left_to_a_fallback():
+  model = ResNetBlock()
+  x = jax.random.normal(KEY, (N, 6, 6, 2))
+  y = jax.random.randint(KEY, (N,), 0, CLASSES)
+  variables = model.init(KEY, x)
+
+  def loss_fn(p, x, y):
+    logits, _ = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
+                            mutable=["batch_stats"])
+    return jkfac.softmax_cross_entropy(logits, y)
+
+  est = jkfac.estimator(loss_fn, variables["params"], x, y)
+  assert {l.name: l.kind for l in est.layers} == {
+      "Conv_0": "conv", "BatchNorm_0": "scale_and_shift", "Conv_1": "conv",
+      "BatchNorm_1": "scale_and_shift", "Conv_2": "conv", "Dense_0": "dense"}, est
+  assert "no parameter is left to a fallback block" in str(est)
+
+
+def test_nnx_normalisation_layers_are_found():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(3, 4, rngs=rngs)
+      self.layer_norm = nnx.LayerNorm(4, rngs=rngs)
+      self.rms_norm = nnx.RMSNorm(4, rngs=rngs)
+      self.out = nnx.Linear(4, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(jnp.tanh(self.rms_norm(self.layer_norm(self.linear(x)))))
+
+  graph, state = nnx.split(Net(nnx.Rngs(0)))
+  x = jax.random.normal(KEY, (N, 3))
+  y = jax.random.randint(KEY, (N,), 0, CLASSES)
+  loss_fn = lambda s, x, y: jkfac.softmax_cross_entropy(nnx.merge(graph, s)(x), y)
+  est = jkfac.estimator(loss_fn, state, x, y)
+  assert {l.name: l.kind for l in est.layers} == {
+      "linear": "dense", "layer_norm": "scale_and_shift", "rms_norm": "scale_and_shift",
+      "out": "dense"}, est

@@ -192,13 +192,19 @@ def test_state_is_a_pytree_of_arrays():
   assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
 
 
-def test_non_finite_statistics_leave_factors_unchanged():
+def _after_one_update():
+  """A transform that refreshes every update, after its first update."""
   params = bf.mlp_params(KEY, SIZES)
   x, y = _data()
   est = jkfac.estimator(_ce_loss, params, x, y)
   tx = jkfac.scale_by_kfac(est, damping=1e-2, inverse_every=1)
   _, grads, stats = est(params, x, y, rng=KEY)
   _, state = tx.update(grads, tx.init(params), params, stats=stats)
+  return tx, params, grads, stats, state
+
+
+def test_non_finite_statistics_leave_factors_unchanged():
+  tx, params, grads, stats, state = _after_one_update()
   bad = jax.tree_util.tree_map(lambda v: v * jnp.nan, stats)
   updates, state2 = tx.update(grads, state, params, stats=bad)
   jax.tree_util.tree_map(np.testing.assert_array_equal, state2.factors, state.factors)
@@ -208,12 +214,7 @@ def test_non_finite_statistics_leave_factors_unchanged():
 
 
 def test_failed_inverse_keeps_the_previous_inverses(monkeypatch):
-  params = bf.mlp_params(KEY, SIZES)
-  x, y = _data()
-  est = jkfac.estimator(_ce_loss, params, x, y)
-  tx = jkfac.scale_by_kfac(est, damping=1e-2, inverse_every=1)
-  _, grads, stats = est(params, x, y, rng=KEY)
-  _, state = tx.update(grads, tx.init(params), params, stats=stats)
+  tx, params, grads, stats, state = _after_one_update()
   monkeypatch.setattr(jkfac.linalg, "damped_inverse", lambda m, *_: m * jnp.nan)
   updates, state2 = tx.update(grads, state, params, stats=stats)
   jax.tree_util.tree_map(np.testing.assert_array_equal, state2.inverses, state.inverses)

@@ -662,8 +662,12 @@ def _unique_names(layers: list[Layer]) -> tuple[Layer, ...]:
 
 
 def _layer_name(paths: list[str]) -> str:
-  """The parameters' common folder ('Dense_0' for Dense_0/kernel, Dense_0/bias)."""
+  """The parameters' common folder ('Dense_0' for Dense_0/kernel, Dense_0/bias).
+
+  A trailing 'value' (flax nnx's variables) is not part of a parameter's name.
+  """
   split = [p.split("/") for p in paths]
+  split = [parts[:-1] if len(parts) > 1 and parts[-1] == "value" else parts for parts in split]
   common = []
   for parts in zip(*split):
     if len(set(parts)) != 1:

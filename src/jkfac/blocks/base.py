@@ -34,6 +34,23 @@ class Captures:
   dtype: Any = jnp.float32
 
 
+def with_bias_moments(second_moment: Array, mean: Array) -> Array:
+  """`[[M, m], [m^T, 1]]`: the second moment of `[a; 1]` from those of `a`.
+
+  Args:
+    second_moment: `M = mean(a a^T)`, shape `(..., d, d)`.
+    mean: `m = mean(a)`, shape `(..., d)`.
+
+  Returns:
+    Shape `(..., d + 1, d + 1)`.
+  """
+  column = mean[..., :, None]
+  corner = jnp.ones(mean.shape[:-1] + (1, 1), mean.dtype)
+  return jnp.concatenate([jnp.concatenate([second_moment, column], axis=-1),
+                          jnp.concatenate([jnp.swapaxes(column, -1, -2), corner], axis=-1)],
+                         axis=-2)
+
+
 class Block(Protocol):
   roles: tuple[str, ...]
   needs: str

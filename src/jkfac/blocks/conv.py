@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jkfac import linalg
-from jkfac.blocks.base import Captures
+from jkfac.blocks.base import Captures, with_bias_moments
 
 Array = jax.Array
 
@@ -218,10 +218,7 @@ class ConvBlock:
       g_cov = g_cov + jnp.einsum("rgi,rgj->gij", g, g)
     a = squares / rows
     if layer.option("bias"):
-      mean = (sums / rows)[:, :, None]
-      one = jnp.ones((groups, 1, 1), dtype)
-      a = jnp.concatenate([jnp.concatenate([a, mean], axis=2),
-                           jnp.concatenate([jnp.swapaxes(mean, 1, 2), one], axis=2)], axis=1)
+      a = with_bias_moments(a, sums / rows)
     return {"A": a, "G": g_cov}
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jkfac import linalg
-from jkfac.blocks.base import Captures
+from jkfac.blocks.base import Captures, with_bias_moments
 
 Array = jax.Array
 
@@ -95,8 +95,7 @@ class DenseBlock:
       mean = sum(jnp.sum(x, axis=0) for x, _ in flat) / rows
       g_cov = sum(g.T @ g for _, g in flat)
     if layer.option("bias"):
-      mean = mean[:, None]
-      a = jnp.block([[a, mean], [mean.T, jnp.ones((1, 1), dtype)]])
+      a = with_bias_moments(a, mean)
     return {"A": a, "G": g_cov}
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,
