@@ -87,7 +87,8 @@ def _brute_force(case, params, x, y, numbers, groups, args, conv_out, loss_fn):
   kernel_spatial = tuple(params["k"].shape[a] for a in numbers.rhs_spec[2:])
   if isinstance(pad, str):
     pad = lax.padtype_to_pads(
-        [(s - 1) * d + 1 for s, d in zip(x_ncs.shape[2:], args.get("lhs_dilation", (1,) * spatial))],
+        [(s - 1) * d + 1
+         for s, d in zip(x_ncs.shape[2:], args.get("lhs_dilation", (1,) * spatial))],
         [(k - 1) * d + 1 for k, d in zip(kernel_spatial, args.get("rhs_dilation", (1,) * spatial))],
         args.get("window_strides", (1,) * spatial), pad)
   patches, out = bf.conv_patches(

@@ -160,3 +160,12 @@ def test_nnx_normalisation_layers_are_found():
   assert {l.name: l.kind for l in est.layers} == {
       "linear": "dense", "layer_norm": "scale_and_shift", "rms_norm": "scale_and_shift",
       "out": "dense"}, est
+
+
+def test_a_scale_followed_by_a_reshape_is_found():
+  x = jax.random.normal(KEY, (N, 4, 3), jnp.float64)
+  y = jax.random.randint(KEY, (N,), 0, CLASSES)
+  params = {"s": jnp.linspace(0.5, 1.5, 3), "w": jnp.ones((12, CLASSES)) / 12}
+  loss_fn = lambda p, x, y: jkfac.softmax_cross_entropy((x * p["s"]).reshape(N, -1) @ p["w"], y)
+  est = jkfac.estimator(loss_fn, params, x, y)
+  assert {l.name: l.kind for l in est.layers} == {"s": "scale_and_shift", "w": "dense"}

@@ -144,6 +144,11 @@ class _Match:
   problem: Optional[str] = None  # why it must fall back after all
 
 
+# A dense or convolution match awaiting its bias: (match, input, output,
+# input feature axes, output feature axes).
+_Pending = tuple[_Match, Var, Var, tuple[int, ...], tuple[int, ...]]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Affine:
   """A `mul` or `add` of an activation and a broadcast vector parameter."""
@@ -172,7 +177,7 @@ class _Walker:
   def walk(self, jaxpr: Jaxpr, consts: list[Any], origins: list[Any]) -> tuple[interpret.Plan, list[Any]]:
     plan = interpret.Plan(jaxpr, list(consts))
     origin: dict[Var, Any] = {v: o for v, o in zip(jaxpr.invars, origins) if o is not None}
-    pending: list[tuple[_Match, Var, Var, int, int]] = []
+    pending: list[_Pending] = []
     affine: list[_Affine] = []
     for index, eqn in enumerate(jaxpr.eqns):
       ins = [None if isinstance(v, Literal) else origin.get(v) for v in eqn.invars]
@@ -266,7 +271,7 @@ class _Walker:
     plan.losses.append((loss.id, eqn.outvars[0], eqn.invars[1]))
 
   def _dense(self, index: int, eqn, ins: list[Any], plan: interpret.Plan,
-             pending: list[tuple[_Match, Var, Var, tuple[int, ...], tuple[int, ...]]]) -> None:
+             pending: list[_Pending]) -> None:
     """`dot_general` of an activation and a kernel view, contracting any of its axes."""
     (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
     found = None
@@ -293,7 +298,7 @@ class _Walker:
     self.matches.append(match)  # completed by _finish_layers, once bias views are known
     pending.append((match, eqn.invars[1 - side], out, x_axes, out_axes))
 
-  def _conv(self, eqn, ins: list[Any], pending: list[tuple[_Match, Var, Var, int, int]]) -> None:
+  def _conv(self, eqn, ins: list[Any], pending: list[_Pending]) -> None:
     view, other = ins[1], ins[0]
     spec = None
     if isinstance(view, _LeafView) and other is None and view.leaf not in self.claimed:
@@ -326,7 +331,7 @@ class _Walker:
     self.matches.append(_Match("embedding", (view.leaf,), use, (), "found"))
 
   def _finish_layers(self, jaxpr: Jaxpr, plan: interpret.Plan, origin: dict[Var, Any],
-                     pending: list[tuple[_Match, Var, Var, int, int]]) -> set[Var]:
+                     pending: list[_Pending]) -> set[Var]:
     """Finds dense and convolution biases and records the layers' uses.
 
     Returns:
@@ -352,8 +357,9 @@ class _Walker:
     other = eqn.invars[1 - side]
     view = _as_broadcast(ins[side])
     out = eqn.outvars[0]
-    if (view is None or len(view.axes) != 1 or view.leaf in self.claimed or isinstance(other, Literal)
-        or other.aval.ndim != out.aval.ndim or eqn.invars[side].aval.ndim != out.aval.ndim):
+    if (view is None or len(view.axes) != 1 or view.leaf in self.claimed
+        or isinstance(other, Literal) or other.aval.ndim != out.aval.ndim
+        or eqn.invars[side].aval.ndim != out.aval.ndim):
       return
     found.append(_Affine(eqn.primitive.name, view.leaf, view.axes[0], other, out))
 
@@ -377,9 +383,10 @@ class _Walker:
         eqn = jaxpr.eqns[consumers[out][0]]
         name = eqn.primitive.name
         if name in ("broadcast_in_dim", "reshape"):
-          view = _propagate(eqn, [view])
-          if view is None:
+          moved = _propagate(eqn, [view])
+          if moved is None:
             break
+          view = moved
         elif name == "mul":
           other = eqn.invars[1] if eqn.invars[0] is out else eqn.invars[0]
           if (isinstance(other, Literal) or origin.get(other) is not None
