@@ -139,7 +139,7 @@ class Estimator:
         program, flat_params, flat_args, with_grads=True)
     stats_program, stats_args = program, flat_args
     if self.stats_fraction < 1.0:
-      stats_args = self._subset(program, flat_args, self.stats_fraction)
+      stats_args = self._subset(program, flat_args, self.stats_fraction, "stats_fraction")
       stats_program = self._program(flat_params, stats_args, args_tree)
       _, _, inputs, preds, targets, backward = self._forward(
           stats_program, flat_params, stats_args, with_grads=False)
@@ -349,7 +349,8 @@ class Estimator:
                               flat_args: list[Array], args_tree: Any) -> dict[str, Any]:
     """`"curvature"` and `"loss_at"` on the first `curvature_fraction` of the batch."""
     if self.curvature_fraction < 1.0:
-      flat_args = self._subset(program, flat_args, self.curvature_fraction)
+      flat_args = self._subset(program, flat_args, self.curvature_fraction,
+                               "curvature_fraction")
       program = self._program(flat_params, flat_args, args_tree)
     return {
         "curvature": jax.tree_util.Partial(functools.partial(self._curvature_gram, program),
@@ -357,10 +358,10 @@ class Estimator:
         "loss_at": jax.tree_util.Partial(functools.partial(self._loss_at, program), flat_args),
     }
 
-  def _subset(self, program: tracing.Program, flat_args: list[Array],
-              fraction: float) -> list[Array]:
+  def _subset(self, program: tracing.Program, flat_args: list[Array], fraction: float,
+              option: str) -> list[Array]:
     """The first `fraction` of the batch (arguments with the batch's leading size)."""
-    n = _batch_size(program, "stats_fraction")
+    n = _batch_size(program, option)
     m = max(1, int(round(n * fraction)))
     return [a[:m] if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n else a for a in flat_args]
 

@@ -165,12 +165,6 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _keep_if_finite(new: Any, old: Any) -> Any:
-  """`new` where all of it is finite, else `old` (a failed eigendecomposition)."""
-  ok = linalg.all_finite(new)
-  return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-
 def _zeros(shapes: Any, traced: bool) -> Any:
   """Zero arrays; made on the host outside `jit` (no kernel compiled per shape)."""
   make = jnp.zeros if traced else lambda shape, dtype: jax.device_put(np.zeros(shape, dtype))
