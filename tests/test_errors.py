@@ -110,3 +110,11 @@ def test_tag_with_a_computed_weight():
   params = {"l0": {"w": jnp.ones((3, 2))}}
   with pytest.raises(ValueError, match="not a parameter leaf"):
     jkfac.estimator(loss_fn, params, X, Y)
+
+
+def test_empty_batch():
+  with pytest.raises(ValueError, match=r"prediction shape \(0, 2\): the batch is empty"):
+    jkfac.estimator(_loss, PARAMS, X[:0], Y[:0])
+  est = jkfac.estimator(_loss, PARAMS, X, Y)
+  with pytest.raises(ValueError, match="the batch is empty"):
+    est(PARAMS, X[:0], Y[:0], rng=KEY)

@@ -109,6 +109,7 @@ class Estimator:
     self._programs: dict[Any, tracing.Program] = {}
     program = tracing.trace(loss_fn, params, args, has_aux, overrides=self.overrides,
                             weight_sharing=weight_sharing)
+    _check_nonempty(program)
     flat_args, args_tree = jax.tree_util.tree_flatten(tuple(args))
     self._programs[_signature(leaves, flat_args, args_tree)] = program
     self.layers = program.layers
@@ -145,8 +146,8 @@ class Estimator:
           stats_program, flat_params, stats_args, with_grads=False)
     cotangents = self._cotangents(stats_program, preds, targets, rng)
     output_grads = backward(cotangents)
-    squared = self._squared_grads(stats_program, flat_params, stats_args, args_tree,
-                                  cotangents)
+    moments = self._gradient_moments(stats_program, flat_params, stats_args, args_tree,
+                                     cotangents)
     factors = {}
     for layer, uses in zip(self.layers, stats_program.uses):
       block = blocks.get(layer.kind)
@@ -154,7 +155,7 @@ class Estimator:
           uses=uses,
           inputs=[inputs[u.id] for u in uses],
           output_grads=[output_grads[u.id] for u in uses],
-          squared_grads=[squared.get(p.index) for p in layer.params],
+          gradient_moment=moments.get(layer.name),
           dtype=self.factor_dtype)
       factors[layer.name] = block.statistics(layer, captures)
     grads = jax.tree_util.tree_unflatten(self.params_tree, grads)
@@ -269,37 +270,42 @@ class Estimator:
       gram = gram + scale * jnp.array(rows, self.factor_dtype)
     return 0.5 * (gram + gram.T)
 
-  def _squared_grads(self, program: tracing.Program, flat_params: list[Array],
-                     flat_args: list[Array], args_tree: Any,
-                     cotangents: list[Array]) -> dict[int, Array]:
-    """Sums of squared per-example gradients of the fallback parameters."""
-    indices = [p.index for layer in self.layers
-               if blocks.get(layer.kind).needs == "per_example_gradients"
-               for p in layer.params]
-    if not indices:
+  def _gradient_moments(self, program: tracing.Program, flat_params: list[Array],
+                        flat_args: list[Array], args_tree: Any,
+                        cotangents: list[Array]) -> dict[str, Array]:
+    """Per layer whose block needs them, sums of per-example gradient moments.
+
+    Each example is differentiated on its own (a program traced for one
+    example, vmapped over the batch), with the curvature pass's cotangents,
+    with respect to those layers' parameters only.
+    """
+    layers = [l for l in self.layers if blocks.get(l.kind).needs == "per_example_gradients"]
+    if not layers:
       return {}
-    n = _batch_size(program, "the diagonal fallback block")
+    indices = [p.index for layer in layers for p in layer.params]
+    n = _batch_size(program, f"the {layers[0].kind} block of {layers[0].name!r}")
     batched = [jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n for a in flat_args]
     unit_args = [a[:1] if b else a for a, b in zip(flat_args, batched)]
     unit = self._program(flat_params, unit_args, args_tree)
 
     def one_example(example_args, example_cots):
-      def predictions(fallback):
+      def predictions(chosen):
         full = list(flat_params)
-        for i, value in zip(indices, fallback):
+        for i, value in zip(indices, chosen):
           full[i] = value
         result = interpret.run(unit.plan, full + list(example_args), {})
         return [result.predictions[l.id][0] for l in unit.losses]
 
       _, vjp_fn = jax.vjp(predictions, [flat_params[i] for i in indices])
-      per_pass = jax.vmap(lambda c: vjp_fn(c)[0])(example_cots)
-      return [jnp.sum(jnp.square(g.astype(self.factor_dtype)), axis=0) for g in per_pass]
+      per_pass = dict(zip(indices, jax.vmap(lambda c: vjp_fn(c)[0])(example_cots)))
+      return [blocks.get(l.kind).gradient_moment([per_pass[p.index] for p in l.params],
+                                                 self.factor_dtype) for l in layers]
 
     split_args = [a[:, None] if b else a for a, b in zip(flat_args, batched)]
     split_cots = [jnp.moveaxis(c, 1, 0)[:, :, None] for c in cotangents]
     per_example = jax.vmap(one_example, in_axes=([0 if b else None for b in batched], 0))(
         split_args, split_cots)
-    return {i: jnp.sum(s, axis=0) for i, s in zip(indices, per_example)}
+    return {l.name: jnp.sum(m, axis=0) for l, m in zip(layers, per_example)}
 
   # --- helpers --------------------------------------------------------------
 
@@ -343,6 +349,7 @@ class Estimator:
       self._programs[key] = tracing.trace(self.loss_fn, params, args, self.has_aux,
                                           reference=self.layers, overrides=self.overrides,
                                           weight_sharing=self.weight_sharing)
+      _check_nonempty(self._programs[key])
     return self._programs[key]
 
   def _quadratic_model_extras(self, program: tracing.Program, flat_params: list[Array],
@@ -403,6 +410,14 @@ def _signature(flat_params: Sequence[Any], flat_args: Sequence[Any], args_tree: 
   avals = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x)))
                 for x in list(flat_params) + list(flat_args))
   return avals, args_tree
+
+
+def _check_nonempty(program: tracing.Program) -> None:
+  for loss in program.losses:
+    if loss.num_examples == 0:
+      raise ValueError(f"The {loss.distribution} loss has prediction shape "
+                       f"{loss.prediction_shape}: the batch is empty. Pass at least one "
+                       "example.")
 
 
 def _batch_size(program: tracing.Program, what: str) -> int:

@@ -11,8 +11,10 @@ layer decides its block:
 - `"diagonal"`: the diagonal Fisher, per parameter; a scale-and-shift layer
   computes it from its captures, any other layer from per-example gradients
   (the `"diagonal"` block, one extra pass over the batch);
-- `"full"`: the full Fisher block of the layer's parameters (scale-and-shift
-  layers, whose size is twice the channels);
+- `"full"`: the full Fisher block of all the layer's parameters together:
+  a scale-and-shift layer computes it from its captures, any other layer
+  (up to `blocks.full.MAX_SIZE` parameter entries) from per-example
+  gradients (the `"full"` block, one extra pass over the batch);
 - `"none"`: no curvature: the gradient passes unchanged.
 """
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from typing import Any, Mapping, Optional, Sequence
+
+from jkfac.blocks import full
 
 CHOICES = ("kronecker", "diagonal", "full", "none")
 _KRONECKER = frozenset({"dense", "conv", "embedding"})
@@ -69,6 +73,15 @@ def apply(layers: Sequence[Any], uses: Sequence[tuple[Any, ...]],
       options = tuple(o for o in layer.options if o[0] != "full") + (("full", choice == "full"),)
       new_layers.append(dataclasses.replace(layer, options=options, note=note))
       new_uses.append(layer_uses)
+    elif choice == "full":
+      size = full.size_of(layer)
+      if size > full.MAX_SIZE:
+        raise ValueError(
+            f"overrides: layer {layer.name!r} has {size} parameter entries, too many for a "
+            f"'full' block (at most {full.MAX_SIZE}: its matrix would have {size}^2 "
+            "entries). Use 'kronecker' or 'diagonal' for it.")
+      new_layers.append(type(layer)(layer.name, "full", layer.params, (), note))
+      new_uses.append(())
     elif choice in ("diagonal", "none"):
       kind = "diagonal" if choice == "diagonal" else "none"
       for p in layer.params:
@@ -78,8 +91,8 @@ def apply(layers: Sequence[Any], uses: Sequence[tuple[Any, ...]],
     else:
       raise ValueError(
           f"overrides: layer {layer.name!r} ({layer.kind}) cannot have a {choice!r} block. "
-          f"Kronecker blocks exist for {sorted(_KRONECKER)} layers, full blocks for "
-          "scale_and_shift layers; 'diagonal' and 'none' apply to every layer.")
+          f"Kronecker blocks exist for {sorted(_KRONECKER)} layers; 'diagonal', 'full' "
+          "and 'none' apply to every layer.")
   unused = [p for p in overrides if p not in used]
   if unused:
     raise ValueError(f"overrides: the patterns {unused} match no layer name or parameter "

@@ -175,13 +175,17 @@ def _example_statistics(est: Estimator) -> dict[str, dict[str, Array]]:
   """Statistics of zero inputs, for their shapes and dtypes."""
   factors = {}
   for layer, uses in zip(est.layers, est.uses):
+    block = blocks.get(layer.kind)
+    moment = None
+    if block.needs == "per_example_gradients":
+      moment = block.gradient_moment([jnp.zeros((1,) + p.shape, est.factor_dtype)
+                                      for p in layer.params], est.factor_dtype)
     captures = blocks.Captures(
         uses=uses,
         inputs=[jnp.zeros(u.x_shape, est.factor_dtype) for u in uses],
         output_grads=[jnp.zeros((1,) + u.out_shape, est.factor_dtype) for u in uses],
-        squared_grads=[jnp.zeros(p.shape, est.factor_dtype) for p in layer.params],
-        dtype=est.factor_dtype)
-    factors[layer.name] = blocks.get(layer.kind).statistics(layer, captures)
+        gradient_moment=moment, dtype=est.factor_dtype)
+    factors[layer.name] = block.statistics(layer, captures)
   return factors
 
 

@@ -6,8 +6,10 @@ A block is an object with:
 - `roles`: the names of the parameters it owns, in order (`("kernel", "bias")`);
   the first is required, the others optional.
 - `needs`: `"activations"` (layer inputs and output derivatives),
-  `"per_example_gradients"` (squared per-example parameter gradients) or
-  `"nothing"`.
+  `"per_example_gradients"` or `"nothing"`. A block that needs per-example
+  gradients has `gradient_moment(grads, dtype)`, the moment of one example's
+  gradients (per parameter, shape `(K, *shape)` for K curvature passes); the
+  estimator sums it over examples into `captures.gradient_moment`.
 - `statistics(layer, captures) -> dict`: this batch's factors.
 - `inverse(layer, factors, damping, method) -> dict`: what `precondition`
   needs; `method` is `"cholesky"` or `"eigh"` (`linalg.damped_inverse`).
@@ -16,7 +18,7 @@ A block is an object with:
 - `describe(layer) -> str`: the factor shapes for the layer table.
 """
 
-from jkfac.blocks import conv, dense, diagonal, embedding, none, scale_and_shift
+from jkfac.blocks import conv, dense, diagonal, embedding, full, none, scale_and_shift
 from jkfac.blocks.base import Block, Captures
 
 REGISTRY: dict[str, Block] = {
@@ -24,6 +26,7 @@ REGISTRY: dict[str, Block] = {
     "dense": dense.BLOCK,
     "diagonal": diagonal.BLOCK,
     "embedding": embedding.BLOCK,
+    "full": full.BLOCK,
     "none": none.BLOCK,
     "scale_and_shift": scale_and_shift.BLOCK,
 }

@@ -23,14 +23,15 @@ class Captures:
       K backward passes (sampled targets, or the columns of the loss's Fisher
       square root in mode "exact"), already scaled so that the output-side
       factor is `sum_k sum_rows g g^T`.
-    squared_grads: per parameter, the sum over examples of squared
-      per-example gradients (already scaled the same way), or None.
+    gradient_moment: for blocks that need per-example gradients, the sum
+      over examples of `block.gradient_moment` of each example's gradients
+      (already scaled the same way), else None.
     dtype: the factor dtype.
   """
   uses: Sequence[Any]
   inputs: Sequence[Array] = ()
   output_grads: Sequence[Array] = ()
-  squared_grads: Optional[Sequence[Array]] = None
+  gradient_moment: Optional[Array] = None
   dtype: Any = jnp.float32
 
 
@@ -68,3 +69,25 @@ class Block(Protocol):
 
   def describe(self, layer: Any) -> str:
     ...
+
+
+def flatten(grads: Sequence[Array], dtype: Any) -> Array:
+  """The parameters' gradients as one vector (in `layer.params` order).
+
+  Args:
+    grads: one array per parameter.
+    dtype: the vector's dtype.
+
+  Returns:
+    Shape `(sum of sizes,)`.
+  """
+  return jnp.concatenate([g.astype(dtype).reshape(-1) for g in grads])
+
+
+def unflatten(flat: Array, like: Sequence[Array]) -> tuple[Array, ...]:
+  """Splits `flat` into arrays shaped and typed as `like` (inverse of `flatten`)."""
+  out, start = [], 0
+  for g in like:
+    out.append(flat[start:start + g.size].reshape(g.shape).astype(g.dtype))
+    start += g.size
+  return tuple(out)

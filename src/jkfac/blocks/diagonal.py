@@ -30,9 +30,21 @@ class DiagonalBlock:
   roles = ("param",)
   needs = "per_example_gradients"
 
+  def gradient_moment(self, grads: Sequence[Array], dtype) -> Array:
+    """`Σ_k g_k²` of one example's gradients over the curvature passes.
+
+    Args:
+      grads: the one parameter's gradients, shape `(K, *param_shape)`.
+      dtype: the factor dtype.
+
+    Returns:
+      The parameter's shape.
+    """
+    return jax.numpy.sum(jax.numpy.square(grads[0].astype(dtype)), axis=0)
+
   def statistics(self, layer, captures: Captures) -> dict[str, Array]:
     """Returns `{"diag": sum over examples of squared per-example gradients}`."""
-    return {"diag": captures.squared_grads[0].astype(captures.dtype)}
+    return {"diag": captures.gradient_moment.astype(captures.dtype)}
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:

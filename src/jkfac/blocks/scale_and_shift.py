@@ -12,14 +12,14 @@ shift together) with the layer option `full`, affordable for the usual sizes
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jkfac import linalg
-from jkfac.blocks.base import Captures
+from jkfac.blocks import full
+from jkfac.blocks.base import Captures, flatten, unflatten
 
 Array = jax.Array
 
@@ -63,20 +63,14 @@ class ScaleAndShiftBlock:
   def precondition(self, layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
     """Returns the preconditioned scale and shift gradients."""
-    dtype = next(iter(inverse.values())).dtype
-    flat = jnp.concatenate([g.astype(dtype).reshape(-1) for g in grads])
     if layer.option("full"):
-      flat = inverse["full_inv"] @ flat
-    else:
-      flat = flat * inverse["diag_inv"]
-    out, start = [], 0
-    for g in grads:
-      out.append(flat[start:start + g.size].reshape(g.shape).astype(g.dtype))
-      start += g.size
-    return tuple(out)
+      full_inv = inverse["full_inv"]
+      return unflatten(full_inv @ flatten(grads, full_inv.dtype), grads)
+    diag_inv = inverse["diag_inv"]
+    return unflatten(flatten(grads, diag_inv.dtype) * diag_inv, grads)
 
   def describe(self, layer) -> str:
-    size = sum(math.prod(p.shape) for p in layer.params)
+    size = full.size_of(layer)
     return f"full {size}x{size}" if layer.option("full") else f"diag {size}"
 
 

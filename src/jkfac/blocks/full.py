@@ -1,0 +1,73 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""The full Fisher block of a small layer, chosen by `overrides={...: "full"}`.
+
+`F = mean_n E[∇θ_n ∇θ_n^T]` over all of the layer's parameters together (the
+kernel and bias of a small dense layer, say), from per-example gradients
+computed by the estimator with the same sampled targets (or Fisher
+square-root columns) as the Kronecker blocks: no Kronecker assumption at
+all, at the price of a `P x P` matrix for `P` parameters and its inverse.
+The update is `(F + λ I)^{-1} ∇θ`. Limited to `MAX_SIZE` parameters; like the
+diagonal fallback it costs one extra pass over the batch and needs a model
+whose examples are independent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jkfac import linalg
+from jkfac.blocks.base import Captures, flatten, unflatten
+
+Array = jax.Array
+MAX_SIZE = 4096  # a 4096 x 4096 float32 factor is 64 MiB; use Kronecker blocks above
+
+
+class FullBlock:
+  """Exact Fisher block of one layer's parameters."""
+
+  roles = ("param",)
+  needs = "per_example_gradients"
+
+  def gradient_moment(self, grads: Sequence[Array], dtype) -> Array:
+    """`Σ_k v_k v_k^T` of one example's gradients over the curvature passes.
+
+    Args:
+      grads: per parameter, shape `(K, *param_shape)`.
+      dtype: the factor dtype.
+
+    Returns:
+      Shape `(P, P)`.
+    """
+    rows = jnp.concatenate([g.astype(dtype).reshape(g.shape[0], -1) for g in grads], axis=1)
+    return rows.T @ rows
+
+  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+    """Returns `{"full": Σ_n ∇θ_n ∇θ_n^T}` (a mean, by the scaling of the gradients)."""
+    return {"full": captures.gradient_moment.astype(captures.dtype)}
+
+  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+              method: str = "cholesky") -> dict[str, Array]:
+    """Returns `(F + λ I)^{-1}`."""
+    return {"full_inv": linalg.damped_inverse(factors["full"], damping, method)}
+
+  def precondition(self, layer, inverse: dict[str, Array],
+                   grads: Sequence[Array]) -> tuple[Array, ...]:
+    """Returns `(F + λ I)^{-1} ∇θ`, split back into the parameters."""
+    full_inv = inverse["full_inv"]
+    return unflatten(full_inv @ flatten(grads, full_inv.dtype), grads)
+
+  def describe(self, layer) -> str:
+    size = size_of(layer)
+    return f"full {size}x{size}"
+
+
+def size_of(layer) -> int:
+  """The number of parameter entries of a layer."""
+  return sum(math.prod(p.shape) for p in layer.params)
+
+
+BLOCK = FullBlock()
