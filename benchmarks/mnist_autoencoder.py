@@ -125,13 +125,8 @@ def batch_sizes(args: argparse.Namespace, n_train: int) -> list[int]:
   """The batch size of every step."""
   if not args.growing_batch:
     return [args.batch_size] * args.steps
-  rate = 499 / math.log(n_train / args.batch_size)
-  ladder = sorted({min(args.batch_size * 2 ** i, n_train) for i in range(20)})
-  sizes = []
-  for k in range(1, args.steps + 1):
-    target = min(args.batch_size * math.exp((k - 1) / rate), n_train)
-    sizes.append(max(s for s in ladder if s <= target + 1e-6))
-  return sizes
+  import jkfac
+  return jkfac.growing_batch_sizes(args.batch_size, n_train, args.steps, full_at=500)
 
 
 def batch_indices(args: argparse.Namespace, n_train: int) -> list[np.ndarray]:

@@ -86,7 +86,7 @@ def test_fisher_mode_needs_a_key():
     (dict(damping=-1.0), "damping must be positive"),
     (dict(damping=1e-3, decay=1.0), "decay must be in"),
     (dict(damping=1e-3, inverse_every=0), "inverse_every must be a positive integer"),
-    (dict(damping=1e-3, structure="block_tridiagonal"), "only 'block_diagonal'"),
+    (dict(damping=1e-3, structure="banded"), "structure must be one of"),
 ])
 def test_options_out_of_range(kwargs, message):
   est = jkfac.estimator(_loss, PARAMS, X, Y)

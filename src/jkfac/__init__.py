@@ -2,10 +2,12 @@
 """jkfac: K-FAC and KFC for JAX, as an optax transform."""
 
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model
+from jkfac.averaging import PolyakAveraging, PolyakState, averaged_params, polyak_average
 from jkfac.estimator import Estimator, Statistics, estimator
 from jkfac.losses import (register_bernoulli_predictive, register_categorical_predictive,
                           register_gaussian_predictive, sigmoid_cross_entropy,
                           softmax_cross_entropy, squared_error)
+from jkfac.schedules import growing_batch_size, growing_batch_sizes
 from jkfac.tags import register_conv, register_dense, register_scale_and_shift
 from jkfac.tracing import Layer, Param
 from jkfac.transform import KFACState, ScaleByKFACState, kfac, scale_by_kfac
@@ -13,8 +15,10 @@ from jkfac.transform import KFACState, ScaleByKFACState, kfac, scale_by_kfac
 __version__ = "0.1.0"
 
 __all__ = [
-    "Estimator", "KFACState", "Layer", "Param", "QuadraticModelState", "ScaleByKFACState",
-    "Statistics", "estimator", "kfac", "scale_by_quadratic_model",
+    "Estimator", "KFACState", "Layer", "Param", "PolyakAveraging", "PolyakState",
+    "QuadraticModelState", "ScaleByKFACState", "Statistics", "averaged_params", "estimator",
+    "growing_batch_size", "growing_batch_sizes", "kfac", "polyak_average",
+    "scale_by_quadratic_model",
     "register_bernoulli_predictive", "register_categorical_predictive", "register_conv",
     "register_dense", "register_gaussian_predictive", "register_scale_and_shift",
     "scale_by_kfac", "sigmoid_cross_entropy", "softmax_cross_entropy", "squared_error",

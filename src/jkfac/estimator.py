@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from jkfac import blocks, interpret, losses, tracing
+from jkfac import blocks, interpret, losses, tracing, tridiagonal
 from jkfac.blocks import dense
 
 Array = jax.Array
@@ -75,7 +75,8 @@ class Estimator:
   """Computes `(loss, grads, stats)` of a batch in one forward pass.
 
   Made by `jkfac.estimator`; see there. Attributes: `layers` (the layer table,
-  graph order, fallbacks last), `losses`, `mode`, `id`.
+  graph order, fallbacks last), `losses`, `mode`, `id`, `chains` (the layer
+  indices of the block-tridiagonal chains, once requested).
   """
 
   def __init__(self, loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
@@ -115,6 +116,7 @@ class Estimator:
     self.layers = program.layers
     self.uses = program.uses
     self.losses = program.losses
+    self.chains: tuple[tuple[int, ...], ...] = ()
 
   # --- the pure function -------------------------------------------------
 
@@ -148,16 +150,7 @@ class Estimator:
     output_grads = backward(cotangents)
     moments = self._gradient_moments(stats_program, flat_params, stats_args, args_tree,
                                      cotangents)
-    factors = {}
-    for layer, uses in zip(self.layers, stats_program.uses):
-      block = blocks.get(layer.kind)
-      captures = blocks.Captures(
-          uses=uses,
-          inputs=[inputs[u.id] for u in uses],
-          output_grads=[output_grads[u.id] for u in uses],
-          gradient_moment=moments.get(layer.name),
-          dtype=self.factor_dtype)
-      factors[layer.name] = block.statistics(layer, captures)
+    factors = self._factors(stats_program.uses, inputs, output_grads, moments)
     grads = jax.tree_util.tree_unflatten(self.params_tree, grads)
     value = (loss, aux) if self.has_aux else loss
     extras = {
@@ -165,6 +158,56 @@ class Estimator:
         **self._quadratic_model_extras(program, flat_params, flat_args, args_tree),
     }
     return value, grads, Statistics(factors, self.id, extras)
+
+  def _factors(self, uses: Sequence[tuple[tracing.Use, ...]], inputs: dict[int, Array],
+               output_grads: dict[int, Array], moments: dict[str, Array]
+               ) -> dict[str, dict[str, Array]]:
+    """Every block's statistics, and the chains' cross moments when requested."""
+    factors = {}
+    for layer, layer_uses in zip(self.layers, uses):
+      captures = blocks.Captures(
+          uses=layer_uses,
+          inputs=[inputs[u.id] for u in layer_uses],
+          output_grads=[output_grads[u.id] for u in layer_uses],
+          gradient_moment=moments.get(layer.name),
+          dtype=self.factor_dtype)
+      factors[layer.name] = blocks.get(layer.kind).statistics(layer, captures)
+    for chain in self.chains:
+      for i, j in zip(chain[:-1], chain[1:]):
+        ids = [uses[i][0].id, uses[j][0].id]
+        factors[self.layers[i].name].update(tridiagonal.cross_moments(
+            self.layers[i], self.layers[j], [inputs[k] for k in ids],
+            [output_grads[k] for k in ids], self.factor_dtype))
+    return factors
+
+  def zero_factors(self) -> dict[str, dict[str, Array]]:
+    """The statistics of zero captures: their structure, shapes and dtypes."""
+    dtype = self.factor_dtype
+    inputs = {u.id: jnp.zeros(u.x_shape, dtype) for uses in self.uses for u in uses}
+    output_grads = {u.id: jnp.zeros((1,) + u.out_shape, dtype)
+                    for uses in self.uses for u in uses}
+    moments = {}
+    for layer in self.layers:
+      block = blocks.get(layer.kind)
+      if block.needs == "per_example_gradients":
+        moments[layer.name] = block.gradient_moment(
+            [jnp.zeros((1,) + p.shape, dtype) for p in layer.params], dtype)
+    return self._factors(self.uses, inputs, output_grads, moments)
+
+  def request_cross_moments(self) -> tuple[tuple[int, ...], ...]:
+    """Makes the statistics include the cross moments of chains of dense layers.
+
+    Called by `scale_by_kfac(est, structure="block_tridiagonal")` when it is
+    built, before the training step is traced. Each chain is a maximal run of
+    consecutive dense layers applied once to `(batch, features)` inputs
+    (`tridiagonal.find_chains`); its layers get `"A_next"` and `"G_next"`
+    factors, the cross moments with the next layer of the chain.
+
+    Returns:
+      The chains, as tuples of indices into `layers`.
+    """
+    self.chains = tridiagonal.find_chains(self.layers, self.uses)
+    return self.chains
 
   def _loss_at(self, program: tracing.Program, flat_args: list[Array], params: Any) -> Array:
     """The loss of this batch at other parameters (one forward pass)."""
@@ -393,6 +436,8 @@ class Estimator:
       lines += [f"    {l.name} {l.params[0].shape}: {l.note}" for l in fallback]
     else:
       lines.append("  no parameter is left to a fallback block.")
+    if self.chains:
+      lines.append(tridiagonal.describe(self.layers, self.chains))
     return "\n".join(lines)
 
   def __str__(self) -> str:

@@ -59,7 +59,7 @@ def damped_inverse(matrix: Array, shift: Array, method: str = "cholesky") -> Arr
   """
   if method not in METHODS:
     raise ValueError(f"inverse method must be one of {METHODS}, got {method!r}.")
-  shift = jnp.maximum(shift, 8 * jnp.finfo(matrix.dtype).eps * jnp.trace(matrix))
+  shift = floored_shift(matrix, shift)
   if method == "eigh":
     eigenvalues, eigenvectors = jnp.linalg.eigh(matrix)
     scale = 1.0 / (jnp.maximum(eigenvalues, 0.0) + shift)
@@ -67,6 +67,11 @@ def damped_inverse(matrix: Array, shift: Array, method: str = "cholesky") -> Arr
   eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
   lower = jnp.linalg.cholesky(matrix + shift * eye)
   return jax.scipy.linalg.cho_solve((lower, True), eye)
+
+
+def floored_shift(matrix: Array, shift: Array) -> Array:
+  """`shift`, at least `8 eps tr(matrix)` (see `damped_inverse`)."""
+  return jnp.maximum(shift, 8 * jnp.finfo(matrix.dtype).eps * jnp.trace(matrix))
 
 
 def pi_factor(a: Array, g: Array) -> Array:

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jkfac import blocks, linalg
+from jkfac import blocks, linalg, tridiagonal
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model, value_at
 from jkfac.estimator import Estimator, Statistics
 
 Array = jax.Array
+STRUCTURES = ("block_diagonal", "block_tridiagonal")
 ScalarOrSchedule = Union[float, Array, optax.Schedule]
 
 
@@ -97,24 +98,30 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
       updates, while the averages still change fast (the paper does this).
     inverse_method: `"cholesky"` (the default, fastest) or `"eigh"` (a
       symmetric eigendecomposition); see `jkfac.linalg.damped_inverse`.
-    structure: `"block_diagonal"` (section 4.2). The block-tridiagonal inverse
-      of section 4.3 is not implemented yet.
+    structure: `"block_diagonal"` (section 4.2) or `"block_tridiagonal"`
+      (section 4.3, `jkfac.tridiagonal`): chains of consecutive dense layers
+      applied to `(batch, features)` get the tridiagonal inverse, the other
+      layers stay block-diagonal (`print(est)` lists both). It makes the
+      estimator also compute the chains' cross moments: build the transform
+      before tracing the training step.
     axis_name: under `pmap`, the axis over which statistics are averaged.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
   _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method)
-  if structure != "block_diagonal":
-    raise NotImplementedError(
-        f"structure={structure!r}: only 'block_diagonal' is implemented so far.")
-  layers = est.layers
+  if structure not in STRUCTURES:
+    raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}.")
+  chains = est.request_cross_moments() if structure == "block_tridiagonal" else ()
+  chain_layers = [[est.layers[i] for i in chain] for chain in chains]
+  in_chain = {layer.name for chain in chain_layers for layer in chain}
+  layers = [layer for layer in est.layers if layer.name not in in_chain]
   block_of = {layer.name: blocks.get(layer.kind) for layer in layers}
 
   def init_fn(params: Any) -> ScaleByKFACState:
     leaves = est.check_params(params, "scale_by_kfac.init(params)")
     traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
-    factor_shapes = jax.eval_shape(lambda: _example_statistics(est))
+    factor_shapes = jax.eval_shape(est.zero_factors)
     damping0 = value_at(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
     inverse_shapes = jax.eval_shape(lambda f: _inverses(f, damping0), factor_shapes)
     return ScaleByKFACState(jnp.zeros([], jnp.int32), _zeros(factor_shapes, traced),
@@ -122,14 +129,19 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
                             jnp.zeros([], jnp.int32))
 
   def _inverses(factors, lam):
-    return {layer.name: block_of[layer.name].inverse(layer, factors[layer.name], lam,
-                                                   inverse_method)
-            for layer in layers}
+    inverses = {layer.name: block_of[layer.name].inverse(layer, factors[layer.name], lam,
+                                                       inverse_method)
+                for layer in layers}
+    for chain in chain_layers:
+      chain_inverses = tridiagonal.inverses([factors[l.name] for l in chain], lam,
+                                            inverse_method)
+      inverses.update({l.name: inv for l, inv in zip(chain, chain_inverses)})
+    return inverses
 
   def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, damping_now: Optional[Array] = None,
                 **unused_extra_args):
-    _check_stats(stats, est)
+    _check_stats(stats, est, state.factors)
     flat_grads = est.check_params(updates, "scale_by_kfac.update(grads, ...)")
     batch = stats.factors
     if axis_name is not None:
@@ -157,6 +169,13 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
       preconditioned = block_of[layer.name].precondition(layer, inverses[layer.name], grads)
       for p, g in zip(layer.params, preconditioned):
         new_flat[p.index] = g
+    for chain in chain_layers:
+      grads = [[flat_grads[p.index] for p in layer.params] for layer in chain]
+      preconditioned = tridiagonal.precondition_layers(
+          chain, [inverses[l.name] for l in chain], grads)
+      for layer, layer_grads in zip(chain, preconditioned):
+        for p, g in zip(layer.params, layer_grads):
+          new_flat[p.index] = g
     new_updates = jax.tree_util.tree_unflatten(est.params_tree, new_flat)
     new_state = ScaleByKFACState(count, factors, inverses, used_damping,
                                  state.skipped + (~finite).astype(jnp.int32))
@@ -171,25 +190,7 @@ def _zeros(shapes: Any, traced: bool) -> Any:
   return jax.tree_util.tree_map(lambda s: make(s.shape, s.dtype), shapes)
 
 
-def _example_statistics(est: Estimator) -> dict[str, dict[str, Array]]:
-  """Statistics of zero inputs, for their shapes and dtypes."""
-  factors = {}
-  for layer, uses in zip(est.layers, est.uses):
-    block = blocks.get(layer.kind)
-    moment = None
-    if block.needs == "per_example_gradients":
-      moment = block.gradient_moment([jnp.zeros((1,) + p.shape, est.factor_dtype)
-                                      for p in layer.params], est.factor_dtype)
-    captures = blocks.Captures(
-        uses=uses,
-        inputs=[jnp.zeros(u.x_shape, est.factor_dtype) for u in uses],
-        output_grads=[jnp.zeros((1,) + u.out_shape, est.factor_dtype) for u in uses],
-        gradient_moment=moment, dtype=est.factor_dtype)
-    factors[layer.name] = block.statistics(layer, captures)
-  return factors
-
-
-def _check_stats(stats: Any, est: Estimator) -> None:
+def _check_stats(stats: Any, est: Estimator, factors: Any) -> None:
   if stats is None:
     raise ValueError(
         "scale_by_kfac.update needs the curvature statistics of this batch: call "
@@ -203,6 +204,12 @@ def _check_stats(stats: Any, est: Estimator) -> None:
         f"stats come from another estimator (id {stats.estimator_id}) than the one "
         f"this transform was built with (id {est.id}). Build the optimizer with the "
         "estimator you call in the training step: jkfac.kfac(est, ...).")
+  if jax.tree_util.tree_structure(stats.factors) != jax.tree_util.tree_structure(factors):
+    raise ValueError(
+        "stats do not have the factors this transform keeps. A transform with "
+        "structure='block_tridiagonal' needs cross moments the estimator computes only "
+        "once such a transform is built: build the optimizer before tracing (jitting) "
+        "the training step, and the optimizer state with tx.init after that.")
 
 
 class KFACState(NamedTuple):

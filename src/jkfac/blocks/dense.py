@@ -62,6 +62,23 @@ def _kernel_from_matrix(layer, matrix: Array, shape: Sequence[int]) -> Array:
   return jnp.transpose(kernel, [order.index(a) for a in range(len(shape))])
 
 
+def gradient_matrix(layer, grads: Sequence[Array], dtype: Any) -> Array:
+  """The gradients as `[∇W; ∇b]`, shape `(in[+1], out)`, in `dtype`."""
+  v = kernel_matrix(layer, grads[0].astype(dtype))
+  if layer.option("bias"):
+    v = jnp.concatenate([v, grads[1].astype(dtype).reshape(1, -1)], axis=0)
+  return v
+
+
+def split_matrix(layer, u: Array, grads: Sequence[Array]) -> tuple[Array, ...]:
+  """Splits `[U_W; u_b]` back into the kernel and bias, shaped and typed as `grads`."""
+  rows = u.shape[0] - (1 if layer.option("bias") else 0)
+  out = (_kernel_from_matrix(layer, u[:rows], grads[0].shape).astype(grads[0].dtype),)
+  if layer.option("bias"):
+    out += (u[rows].reshape(grads[1].shape).astype(grads[1].dtype),)
+  return out
+
+
 class DenseBlock:
   """Kronecker-factored block of a dense layer."""
 
@@ -107,16 +124,8 @@ class DenseBlock:
   def precondition(self, layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
     """Returns `A^{-1} [W; b] G^{-1}`, split back into kernel and bias."""
-    dtype = inverse["A_inv"].dtype
-    v = kernel_matrix(layer, grads[0].astype(dtype))
-    rows = v.shape[0]
-    if layer.option("bias"):
-      v = jnp.concatenate([v, grads[1].astype(dtype).reshape(1, -1)], axis=0)
-    u = inverse["A_inv"] @ v @ inverse["G_inv"]
-    out = (_kernel_from_matrix(layer, u[:rows], grads[0].shape).astype(grads[0].dtype),)
-    if layer.option("bias"):
-      out += (u[rows].reshape(grads[1].shape).astype(grads[1].dtype),)
-    return out
+    v = gradient_matrix(layer, grads, inverse["A_inv"].dtype)
+    return split_matrix(layer, inverse["A_inv"] @ v @ inverse["G_inv"], grads)
 
   def describe(self, layer) -> str:
     shape = layer.params[0].shape
