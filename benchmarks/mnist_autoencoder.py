@@ -49,7 +49,8 @@ SGD_GRID = (0.01, 0.03, 0.1)
 QUICK_ADAM_GRID = (1e-3,)
 QUICK_SGD_GRID = (0.01,)
 ALL = ("jkfac", "jkfac_fixed", "jkfac_fixed_eighth", "adam", "sgd",
-       "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats", "jkfac_full_curvature")
+       "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats", "jkfac_full_curvature",
+       "jkfac_tridiagonal", "jkfac_gamma")
 QUICK = ("jkfac", "adam", "sgd", "kfac_jax")
 
 
@@ -101,6 +102,14 @@ def planned_runs(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, 
   if "jkfac_full_curvature" in wanted:
     runs.append(dict(name="jkfac full-batch curvature", kind="jkfac",
                      **dict(JKFAC, curvature_fraction=1.0)))
+  # Section 4.3 (the 8 dense layers are one chain) and section 6.6 (γ re-chosen
+  # every T2 = 20 steps), both with the curvature products on the whole batch.
+  if "jkfac_tridiagonal" in wanted:
+    runs.append(dict(name="jkfac tridiagonal", kind="jkfac", **dict(
+        JKFAC, curvature_fraction=1.0, structure="block_tridiagonal")))
+  if "jkfac_gamma" in wanted:
+    runs.append(dict(name="jkfac gamma T2=20", kind="jkfac", **dict(
+        JKFAC, curvature_fraction=1.0, gamma_interval=20)))
   if "jkfac_full_stats" in wanted:
     runs.append(dict(name="jkfac full-batch stats", kind="jkfac",
                      **dict(JKFAC, stats_fraction=1.0, curvature_fraction=1.0)))
@@ -161,10 +170,16 @@ def make_step(run: dict[str, Any], params, example_batch, activation: str):
     est = jkfac.estimator(functools.partial(autoencoder.jkfac_objective, activation=activation),
                           params, example_batch, stats_fraction=run["stats_fraction"],
                           curvature_fraction=run.get("curvature_fraction", 1.0))
-    tx = jkfac.kfac(est, learning_rate=run["learning_rate"], momentum=run["momentum"],
-                    damping=run["damping"], l2_reg=autoencoder.L2,
-                    inverse_every=run["inverse_every"])
-    run["optimizer_args"] = "jkfac.kfac(est, learning_rate={learning_rate}, momentum={momentum}, damping={damping}, l2_reg={l2}, inverse_every={inverse_every}); estimator stats_fraction={stats_fraction}, curvature_fraction={cf}".format(l2=autoencoder.L2, cf=run.get("curvature_fraction", 1.0), **run)
+    options = dict(learning_rate=run["learning_rate"], momentum=run["momentum"],
+                   damping=run["damping"], l2_reg=autoencoder.L2,
+                   inverse_every=run["inverse_every"],
+                   structure=run.get("structure", "block_diagonal"),
+                   gamma_interval=run.get("gamma_interval"))
+    tx = jkfac.kfac(est, **options)
+    run["optimizer_args"] = (
+        "jkfac.kfac(est, " + ", ".join(f"{k}={v}" for k, v in options.items()) + "); estimator "
+        f"stats_fraction={run['stats_fraction']}, "
+        f"curvature_fraction={run.get('curvature_fraction', 1.0)}")
 
     @jax.jit
     def step(params, state, batch, key):
@@ -232,6 +247,10 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
   ratio("jkfac fixed stats 1/8 / adam, step", "jkfac fixed, stats 1/8", "adam")
   ratio("jkfac fixed / adam, step", "jkfac fixed", "adam")
   ratio("jkfac / kfac-jax adaptive, step", "jkfac", "kfac-jax adaptive")
+  ratio("jkfac full-batch curvature / kfac-jax adaptive, step", "jkfac full-batch curvature",
+        "kfac-jax adaptive")
+  ratio("jkfac tridiagonal / kfac-jax adaptive, step", "jkfac tridiagonal", "kfac-jax adaptive")
+  ratio("jkfac gamma T2=20 / kfac-jax adaptive, step", "jkfac gamma T2=20", "kfac-jax adaptive")
   ratio("jkfac / adam, step", "jkfac", "adam")
   ratio("jkfac / adam, first step", "jkfac", "adam", "first_step_s")
   ratio("jkfac / kfac-jax adaptive, state bytes", "jkfac", "kfac-jax adaptive", "state_bytes")

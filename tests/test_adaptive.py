@@ -140,3 +140,51 @@ def test_damping_rises_when_steps_are_too_long():
   history = _run(bf.ce_loss, params, (x, y), 6, damping=1e-6)
   assert any(rho < 0.25 for _, rho in history)
   assert history[-1][0] > 1e-6
+
+
+def test_gamma_is_rechosen_every_t2_steps_by_the_best_quadratic_model():
+  params = bf.mlp_params(KEY, SIZES)
+  x, y = bf.classification_data(32, SIZES[0], SIZES[-1])
+  est = jkfac.estimator(bf.ce_loss, params, x, y, mode="exact")
+  t2, lam0 = 3, 1e-2
+  tx = jkfac.kfac(est, damping=lam0, gamma_interval=t2, inverse_every=50, inverse_warmup=1)
+  state = tx.init(params)
+  for _ in range(t2 - 1):
+    _, grads, stats = est(params, x, y)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(state.gamma, np.sqrt(lam0))  # not re-chosen yet
+  _, grads, stats = est(params, x, y)
+  updates, new_state = tx.update(grads, state, params, stats=stats)
+
+  # Brute force: each candidate's update, from the same state, with fresh inverses.
+  preconditioner = jkfac.scale_by_kfac(est, damping=lam0)
+  model = jkfac.scale_by_quadratic_model(est, lam0)
+  omega2 = np.sqrt(19 / 20) ** t2
+  candidates = [state.gamma * omega2, state.gamma, state.gamma / omega2]
+  changes, steps = [], []
+  for gamma in candidates:
+    direction, _ = preconditioner.update(grads, state.preconditioner, params, stats=stats,
+                                         damping_now=gamma ** 2, refresh_now=True)
+    step, qm = model.update(direction, state.quadratic_model, params, stats=stats,
+                            grads=grads, damping_now=state.damping)
+    changes.append(float(qm.predicted_change))
+    steps.append(step)
+  best = int(np.argmin(changes))
+  assert len(set(np.round(changes, 12))) == 3  # the choice is not a tie
+  assert best != 1  # γ moves here (a transform that never re-chooses fails)
+  np.testing.assert_allclose(new_state.gamma, candidates[best], rtol=1e-12)
+  np.testing.assert_allclose(new_state.quadratic_model.predicted_change, changes[best],
+                             rtol=1e-10)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14),
+                         updates, steps[best])
+
+
+def test_gamma_interval_needs_the_quadratic_model():
+  params = bf.mlp_params(KEY, SIZES)
+  x, y = bf.classification_data(8, SIZES[0], SIZES[-1])
+  est = jkfac.estimator(bf.ce_loss, params, x, y)
+  with pytest.raises(ValueError, match="leave learning_rate or momentum as None"):
+    jkfac.kfac(est, learning_rate=0.1, momentum=0.9, gamma_interval=20)
+  with pytest.raises(ValueError, match="min_damping must be positive"):
+    jkfac.kfac(est, min_damping=0.0)

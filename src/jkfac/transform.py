@@ -10,6 +10,7 @@ momentum and the learning rate, like optax's aliases.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -82,7 +83,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
 
   `update(grads, state, params, *, stats)` takes the `stats` returned by the
   estimator with the same batch; an optional `damping_now=` overrides the
-  damping (`kfac` passes its Levenberg-Marquardt λ this way).
+  damping (`kfac` passes its Levenberg-Marquardt λ this way) and
+  `refresh_now=True` forces an inverse refresh.
 
   Args:
     est: the estimator (`jkfac.estimator`) whose statistics this consumes.
@@ -140,7 +142,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
 
   def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, damping_now: Optional[Array] = None,
-                **unused_extra_args):
+                refresh_now: Any = False, **unused_extra_args):
     _check_stats(stats, est, state.factors)
     flat_grads = est.check_params(updates, "scale_by_kfac.update(grads, ...)")
     batch = stats.factors
@@ -154,7 +156,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
         state.factors, batch)
     lam = value_at(damping if damping_now is None else damping_now,
                    state.count).astype(est.factor_dtype)
-    refresh = (state.count % inverse_every == 0) | (state.count < inverse_warmup)
+    refresh = (state.count % inverse_every == 0) | (state.count < inverse_warmup) | refresh_now
 
     def recompute(_):
       fresh = _inverses(factors, lam)
@@ -221,16 +223,20 @@ class KFACState(NamedTuple):
       predicted change of the last update, for logging).
     damping: the λ in use (adapted by the Levenberg-Marquardt rule).
     reduction_ratio: the last ρ (NaN until one is measured).
+    gamma: the factored Tikhonov strength γ of the inverses (`γ² = λ + η`
+      unless re-chosen every `gamma_interval` steps).
   """
   preconditioner: ScaleByKFACState
   quadratic_model: QuadraticModelState
   damping: Array
   reduction_ratio: Array
+  gamma: Array
 
 
 def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
          momentum: Optional[ScalarOrSchedule] = None, damping: ScalarOrSchedule = 1.0, *,
          adapt_damping: bool = True, damping_interval: int = 5,
+         min_damping: float = 1e-8, gamma_interval: Optional[int] = None,
          nesterov: bool = False, l2_reg: float = 0.0, decay: float = 0.95,
          inverse_every: int = 20, inverse_warmup: int = 3,
          inverse_method: str = "cholesky", structure: str = "block_diagonal",
@@ -259,6 +265,16 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     adapt_damping: adapt λ by the Levenberg-Marquardt rule (quadratic-model
       mode only).
     damping_interval: T1, the steps between two adaptations of λ.
+    min_damping: the floor of the adapted λ. With normalisation layers, whose
+      scale-invariant weights leave the Fisher singular, keep λ + η away from
+      0 (a floor, or the paper's `l2_reg`), or the quadratic model's momentum
+      can run away along the flat directions.
+    gamma_interval: T2: re-choose the inverses' damping γ every this many
+      steps among `{ω2 γ, γ, γ/ω2}`, `ω2 = sqrt(19/20)^T2`, keeping the one
+      whose update the quadratic model predicts to decrease the loss most
+      (section 6.6; the paper's T2 is 20): three inverse refreshes at those
+      steps. None (the default): `γ = sqrt(λ + η)` always. Needs the
+      quadratic model (`learning_rate` or `momentum` None).
     nesterov: use Nesterov momentum (fixed learning rate and momentum only).
     l2_reg: η, the coefficient of an L2 term `η/2 |θ|²` already in the loss;
       added to the damping, as in the paper's `γ = sqrt(λ + η)`.
@@ -281,6 +297,15 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   interval = _python_number(damping_interval)
   if interval is not None and (interval < 1 or interval != int(interval)):
     raise ValueError(f"damping_interval must be a positive integer, got {damping_interval}.")
+  if gamma_interval is not None and (
+      gamma_interval < 1 or gamma_interval != int(gamma_interval)):
+    raise ValueError(f"gamma_interval must be a positive integer or None, got {gamma_interval}.")
+  if gamma_interval is not None and learning_rate is not None and momentum is not None:
+    raise ValueError("gamma_interval re-chooses γ by the quadratic model: leave "
+                     "learning_rate or momentum as None to use it.")
+  min_number = _python_number(min_damping)
+  if min_number is not None and not min_number > 0:
+    raise ValueError(f"min_damping must be positive, got {min_damping}.")
   with_l2 = lambda lam: ((lambda count: value_at(lam, count) + l2_reg) if callable(lam)
                          else lam + l2_reg)
   preconditioner = scale_by_kfac(est, damping=with_l2(damping), decay=decay,
@@ -294,11 +319,12 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   adapting = adapt_damping and not callable(damping)
   model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum)
   omega = (19.0 / 20.0) ** damping_interval
+  omega2 = math.sqrt(19.0 / 20.0) ** (gamma_interval or 1)
 
   def init_fn(params: Any) -> KFACState:
     lam = value_at(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
     return KFACState(preconditioner.init(params), model.init(params), lam,
-                     jnp.full([], jnp.nan, est.factor_dtype))
+                     jnp.full([], jnp.nan, est.factor_dtype), jnp.sqrt(lam + l2_reg))
 
   def update_fn(grads: Any, state: KFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, **extra_args):
@@ -307,13 +333,33 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
                        "call tx.update(grads, opt_state, params, stats=stats) with params.")
     lam = state.damping if adapting else None
     count = state.preconditioner.count
-    direction, first = preconditioner.update(
-        grads, state.preconditioner, params, stats=stats,
-        damping_now=None if lam is None else lam + l2_reg)
-    step, second = model.update(direction, state.quadratic_model, params, stats=stats,
-                                grads=grads, count=count, damping_now=lam)
+
+    def candidate(damping_now, refresh_now):  # γ² = damping_now
+      direction, first = preconditioner.update(
+          grads, state.preconditioner, params, stats=stats, refresh_now=refresh_now,
+          damping_now=damping_now)
+      step, second = model.update(direction, state.quadratic_model, params, stats=stats,
+                                  grads=grads, count=count, damping_now=lam)
+      return step, first, second
+
+    if gamma_interval is None:
+      lam_now = lam if adapting else value_at(damping, count).astype(est.factor_dtype)
+      gamma = jnp.sqrt(lam_now + l2_reg)
+      step, first, second = candidate(lam + l2_reg if adapting else None, False)
+    else:
+      def rechoose(_):  # section 6.6: the γ whose update the quadratic model prefers
+        outs = [candidate((state.gamma * f) ** 2, True) for f in (omega2, 1.0, 1.0 / omega2)]
+        changes = jnp.stack([o[2].predicted_change for o in outs])
+        best = jnp.argmin(jnp.where(jnp.isfinite(changes), changes, jnp.inf))
+        pick = lambda *xs: jnp.where(best == 0, xs[0], jnp.where(best == 1, xs[1], xs[2]))
+        chosen = jax.tree_util.tree_map(pick, *outs)
+        return chosen, pick(*[state.gamma * f for f in (omega2, 1.0, 1.0 / omega2)])
+
+      (step, first, second), gamma = jax.lax.cond(
+          (count + 1) % gamma_interval == 0, rechoose,
+          lambda _: (candidate(state.gamma ** 2, False), state.gamma), None)
     if not adapting:
-      return step, KFACState(first, second, state.damping, state.reduction_ratio)
+      return step, KFACState(first, second, state.damping, state.reduction_ratio, gamma)
 
     def measure(_):  # on the examples the quadratic model was built on
       loss_at = stats.extras["loss_at"]
@@ -324,11 +370,11 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     rho = jax.lax.cond((count + 1) % damping_interval == 0, measure,
                        lambda _: jnp.full([], jnp.nan, est.factor_dtype), None)
     new_lam = jnp.where(rho < 0.25, lam / omega, jnp.where(rho > 0.75, lam * omega, lam))
-    new_lam = jnp.clip(jnp.where(jnp.isfinite(rho), new_lam, lam), _MIN_DAMPING, _MAX_DAMPING)
+    new_lam = jnp.clip(jnp.where(jnp.isfinite(rho), new_lam, lam), min_damping, _MAX_DAMPING)
     return step, KFACState(first, second, new_lam.astype(lam.dtype),
-                           jnp.where(jnp.isfinite(rho), rho, state.reduction_ratio))
+                           jnp.where(jnp.isfinite(rho), rho, state.reduction_ratio), gamma)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-_MIN_DAMPING, _MAX_DAMPING = 1e-8, 1e8
+_MAX_DAMPING = 1e8
