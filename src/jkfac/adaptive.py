@@ -86,7 +86,8 @@ def solve_coefficients(curvature: Array, grad_dots: Array,
 
 def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
                              learning_rate: Optional[Any] = None,
-                             momentum: Optional[Any] = None
+                             momentum: Optional[Any] = None,
+                             axis_name: Optional[Any] = None
                              ) -> optax.GradientTransformationExtraArgs:
   """Turns preconditioned gradients into steps `α Δ + μ δ0` (section 7).
 
@@ -102,6 +103,8 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
       in the Fisher, so it is added to the model's damping).
     learning_rate: a fixed α (float or schedule), or None to choose it.
     momentum: a fixed μ (float or schedule), or None to choose it.
+    axis_name: under `pmap`, the mapped axis: the curvature products of each
+      device's batch are averaged over it (the gradients are already).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose updates are the steps
@@ -125,6 +128,8 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
     lam = value_at(damping if damping_now is None else damping_now,
                    step_count).astype(dtype) + l2_reg
     gram = stats.extras["curvature"]([direction, previous])
+    if axis_name is not None:
+      gram = jax.lax.pmean(gram, axis_name)
     cross = _dot(direction, previous, dtype)
     dots = jnp.array([[_dot(direction, direction, dtype), cross],
                       [cross, _dot(previous, previous, dtype)]])

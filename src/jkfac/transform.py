@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jkfac import blocks, linalg, tridiagonal
+from jkfac import blocks, distributed, linalg, tridiagonal
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model, value_at
 from jkfac.estimator import Estimator, Statistics
 
@@ -74,7 +74,8 @@ def _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method
 def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0.95,
                   inverse_every: int = 20, inverse_warmup: int = 3,
                   inverse_method: str = "cholesky", structure: str = "block_diagonal",
-                  axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
+                  axis_name: Optional[str] = None,
+                  spread_inverses: bool = True) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the Kronecker-factored Fisher inverse.
 
   Martens & Grosse (2015): section 4.2 (block-diagonal inverse), section 5
@@ -106,7 +107,15 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
       layers stay block-diagonal (`print(est)` lists both). It makes the
       estimator also compute the chains' cross moments: build the transform
       before tracing the training step.
-    axis_name: under `pmap`, the axis over which statistics are averaged.
+    axis_name: under `pmap` (or `shard_map`), the mapped axis. Each device
+      keeps moving averages of its own statistics; since they are linear,
+      they are averaged across devices only when the inverses are refreshed
+      (the state's `factors` are each device's own). The gradients are
+      yours to average, as with any optax transform.
+    spread_inverses: with `axis_name`, each device computes the inverses of
+      a share of the layers balanced by cubic cost, and the results are
+      gathered (`jkfac.distributed.spread`), instead of every device
+      computing all of them.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -130,15 +139,19 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
                             _zeros(inverse_shapes, traced), damping0,
                             jnp.zeros([], jnp.int32))
 
-  def _inverses(factors, lam):
-    inverses = {layer.name: block_of[layer.name].inverse(layer, factors[layer.name], lam,
-                                                       inverse_method)
-                for layer in layers}
-    for chain in chain_layers:
-      chain_inverses = tridiagonal.inverses([factors[l.name] for l in chain], lam,
-                                            inverse_method)
-      inverses.update({l.name: inv for l, inv in zip(chain, chain_inverses)})
-    return inverses
+  def _inverses(factors, lam, spread=False):
+    items = [([layer], lambda layer=layer: [block_of[layer.name].inverse(
+        layer, factors[layer.name], lam, inverse_method)]) for layer in layers]
+    items += [(chain, lambda chain=chain: tridiagonal.inverses(
+        [factors[l.name] for l in chain], lam, inverse_method)) for chain in chain_layers]
+    functions = [f for _, f in items]
+    if spread:
+      costs = [distributed.cubic_cost([factors[l.name] for l in owners]) for owners, _ in items]
+      results = distributed.spread(functions, costs, axis_name)
+    else:
+      results = [f() for f in functions]
+    return {l.name: inv for (owners, _), result in zip(items, results)
+            for l, inv in zip(owners, result)}
 
   def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, damping_now: Optional[Array] = None,
@@ -146,11 +159,11 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     _check_stats(stats, est, state.factors)
     flat_grads = est.check_params(updates, "scale_by_kfac.update(grads, ...)")
     batch = stats.factors
-    if axis_name is not None:
-      batch = jax.lax.pmean(batch, axis_name)
     count = state.count + 1
     epsilon = jnp.minimum(1.0 - 1.0 / count.astype(est.factor_dtype), decay)
     finite = linalg.all_finite(batch)
+    if axis_name is not None:  # every device skips the same batches
+      finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
     factors = jax.tree_util.tree_map(
         lambda old, new: jnp.where(finite, epsilon * old + (1.0 - epsilon) * new, old),
         state.factors, batch)
@@ -159,7 +172,10 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     refresh = (state.count % inverse_every == 0) | (state.count < inverse_warmup) | refresh_now
 
     def recompute(_):
-      fresh = _inverses(factors, lam)
+      if axis_name is None:
+        fresh = _inverses(factors, lam)
+      else:
+        fresh = _inverses(jax.lax.pmean(factors, axis_name), lam, spread=spread_inverses)
       return jax.lax.cond(linalg.all_finite(fresh), lambda: (fresh, lam),
                           lambda: (state.inverses, state.damping))
 
@@ -240,7 +256,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
          nesterov: bool = False, l2_reg: float = 0.0, decay: float = 0.95,
          inverse_every: int = 20, inverse_warmup: int = 3,
          inverse_method: str = "cholesky", structure: str = "block_diagonal",
-         axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
+         axis_name: Optional[str] = None,
+         spread_inverses: bool = True) -> optax.GradientTransformationExtraArgs:
   """K-FAC: the preconditioner, then momentum and the learning rate.
 
   With both `learning_rate` and `momentum` given, this is
@@ -283,7 +300,10 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     inverse_warmup: refresh at every one of the first this many updates.
     inverse_method: `"cholesky"` or `"eigh"` (see `scale_by_kfac`).
     structure: the inverse's block structure (see `scale_by_kfac`).
-    axis_name: the `pmap` axis over which statistics are averaged.
+    axis_name: under `pmap`, the mapped axis (see `scale_by_kfac`); the
+      quadratic model's products and ρ are averaged over it too.
+    spread_inverses: with `axis_name`, spread the inverses over the devices
+      (see `scale_by_kfac`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -310,14 +330,15 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
                          else lam + l2_reg)
   preconditioner = scale_by_kfac(est, damping=with_l2(damping), decay=decay,
                                  inverse_every=inverse_every, inverse_warmup=inverse_warmup,
-                                 inverse_method=inverse_method, structure=structure, axis_name=axis_name)
+                                 inverse_method=inverse_method, structure=structure,
+                                 axis_name=axis_name, spread_inverses=spread_inverses)
   if learning_rate is not None and momentum is not None:
     return optax.chain(
         preconditioner,
         optax.trace(decay=momentum, nesterov=nesterov) if number != 0 else optax.identity(),
         optax.scale_by_learning_rate(learning_rate))
   adapting = adapt_damping and not callable(damping)
-  model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum)
+  model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum, axis_name)
   omega = (19.0 / 20.0) ** damping_interval
   omega2 = math.sqrt(19.0 / 20.0) ** (gamma_interval or 1)
 
@@ -365,6 +386,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       loss_at = stats.extras["loss_at"]
       old_loss = stats.extras["loss"] if est.curvature_fraction == 1.0 else loss_at(params)
       change = (loss_at(optax.apply_updates(params, step)) - old_loss).astype(est.factor_dtype)
+      if axis_name is not None:
+        change = jax.lax.pmean(change, axis_name)
       return change / second.predicted_change
 
     rho = jax.lax.cond((count + 1) % damping_interval == 0, measure,
