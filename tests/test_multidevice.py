@@ -129,3 +129,116 @@ def _equations(jaxpr):
           yield from _equations(inner)
         elif hasattr(sub, "eqns"):
           yield from _equations(sub)
+
+
+def _sharded_jit(tx_fn, params, x, y, steps, mesh):
+  from jax.sharding import NamedSharding, PartitionSpec
+  batch = NamedSharding(mesh, PartitionSpec("data"))
+  x, y = jax.device_put(x, batch), jax.device_put(y, batch)
+  est = jkfac.estimator(bf.ce_loss, params, x, y, mode="exact")
+  tx = tx_fn(est, mesh)
+
+  @jax.jit
+  def step(params, state, x, y):
+    _, grads, stats = est(params, x, y)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(steps):
+    params, state = step(params, state, x, y)
+  return params, step, (state, x, y)
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_sharded_jit_equals_one_device_on_the_whole_batch(spread):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:DEVICES]), ("data",))  # Auto axes
+  params = bf.mlp_params(KEY, SIZES)
+  x, y = bf.classification_data(N, SIZES[0], SIZES[-1])
+  make = lambda est, mesh: jkfac.kfac(est, damping=1e-2, inverse_every=2,
+                                      mesh=mesh if spread else None)
+  one, _ = _single_device(lambda est, _: make(est, None), params, x, y, steps=5)
+  many, step, (state, xs, ys) = _sharded_jit(make, params, x, y, steps=5, mesh=mesh)
+  for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)):
+    np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-12)
+  jaxpr = jax.make_jaxpr(step)(many, state, xs, ys)
+  switches = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "cond"
+              and len(e.params["branches"]) == DEVICES]
+  assert len(switches) == (1 if spread else 0)
+
+
+def test_two_processes_of_four_devices_equal_one_device():
+  """`examples/multiprocess.py`: jax.distributed over loopback, gloo CPU collectives."""
+  import os
+  import pathlib
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "multiprocess.py"
+  proc = subprocess.run([sys.executable, str(script), "--launch", "2", "--local-devices", "4",
+                         "--coordinator", f"127.0.0.1:{port}"], env=env, capture_output=True,
+                        text=True, timeout=600, check=False)
+  lines = [l for l in proc.stdout.splitlines() if "largest difference" in l]
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert len(lines) == 2 and all("4 local devices, 8 in all" in l for l in lines), lines
+
+
+def test_a_sharded_state_gives_the_same_updates_with_an_eighth_of_the_memory():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
+  sizes = (64, 128, 10)
+  params = bf.mlp_params(KEY, sizes)
+  x, y = bf.classification_data(N, sizes[0], sizes[-1])
+  est = jkfac.estimator(bf.ce_loss, params, x, y, mode="exact")
+  tx = jkfac.kfac(est, damping=1e-2, inverse_every=2, mesh=mesh)
+  shardings = distributed.state_sharding(jax.eval_shape(tx.init, params), mesh, min_size=1024)
+
+  def step(params, state):
+    _, grads, stats = est(params, x, y)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state
+
+  sharded = jax.jit(step, out_shardings=(None, shardings))
+  replicated = jax.jit(step)
+  p1, s1 = params, jax.device_put(tx.init(params), shardings)
+  p2, s2 = params, tx.init(params)
+  for _ in range(4):
+    p1, s1 = sharded(p1, s1)
+    p2, s2 = replicated(p2, s2)
+  for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+  a_factor = s1.preconditioner.factors["l0"]["A"]  # 65 x 65: not divisible, replicated
+  g_inverse = s1.preconditioner.inverses["l0"]["G_inv"]  # 128 x 128: split by rows
+  assert a_factor.sharding.shard_shape(a_factor.shape) == a_factor.shape
+  assert g_inverse.sharding.shard_shape(g_inverse.shape) == (128 // DEVICES, 128)
+
+
+def test_a_shard_map_step_equals_one_device():
+  """Inside `shard_map` the optimizer works as under pmap (`axis_name`); its
+  state is per device (the factors' moving averages are each device's own)."""
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
+  params = bf.mlp_params(KEY, SIZES)
+  x, y = bf.classification_data(N, SIZES[0], SIZES[-1])
+  make = lambda est, axis: jkfac.kfac(est, damping=1e-2, inverse_every=2, axis_name=axis)
+  one, _ = _single_device(make, params, x, y, steps=4)
+  est = jkfac.estimator(bf.ce_loss, params, x[:N // DEVICES], y[:N // DEVICES], mode="exact")
+  tx = make(est, "data")
+
+  def step(params, state, x, y):  # one device's block; the state has a leading axis of 1
+    state = jax.tree_util.tree_map(lambda a: a[0], state)
+    _, grads, stats = est(params, x, y)
+    updates, state = tx.update(jax.lax.pmean(grads, "data"), state, params, stats=stats)
+    return optax.apply_updates(params, updates), jax.tree_util.tree_map(lambda a: a[None], state)
+
+  step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")),
+                               out_specs=(P(), P("data")), check_vma=False))
+  state = jax.tree_util.tree_map(lambda a: jnp.stack([a] * DEVICES), tx.init(params))
+  many = params
+  for _ in range(4):
+    many, state = step(many, state, x, y)
+  for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)):
+    np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-12)

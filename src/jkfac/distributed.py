@@ -103,3 +103,36 @@ def spread(functions: Sequence[Callable[[], Any]], costs: Sequence[float],
         offset += leaf.size
       results[i] = jax.tree_util.tree_unflatten(tree, values)
   return results
+
+
+def state_sharding(state: Any, mesh: jax.sharding.Mesh, min_size: int = 2**16) -> Any:
+  """Shardings that split the optimizer state's large matrices over a mesh.
+
+  For training under `jit` over `mesh`: every array of at least `min_size`
+  entries whose first axis divides among the mesh's devices is split along
+  that axis (each device holds a slice of every large factor and inverse,
+  1/D of the state's memory); the rest is replicated. Use it as
+  `jax.device_put(tx.init(params), shardings)` and as the state's
+  `in_shardings`/`out_shardings` of the jitted step; the updates are the
+  same as with a replicated state.
+
+  Args:
+    state: the optimizer state, or its shapes (`jax.eval_shape(tx.init, params)`).
+    mesh: the device mesh; all its axes are used.
+    min_size: arrays with fewer entries are replicated.
+
+  Returns:
+    A pytree of `jax.sharding.NamedSharding` with the structure of `state`.
+  """
+  axes = tuple(mesh.axis_names)
+  devices = mesh.devices.size
+
+  def sharding(x: Any) -> jax.sharding.NamedSharding:
+    shape = jnp.shape(x)
+    if len(shape) >= 1 and math.prod(shape) >= min_size and shape[0] % devices == 0:
+      spec = jax.sharding.PartitionSpec(axes, *([None] * (len(shape) - 1)))
+    else:
+      spec = jax.sharding.PartitionSpec()
+    return jax.sharding.NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map(sharding, state)

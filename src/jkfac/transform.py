@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from jkfac import blocks, distributed, linalg, tridiagonal
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model, value_at
@@ -74,8 +75,9 @@ def _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method
 def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0.95,
                   inverse_every: int = 20, inverse_warmup: int = 3,
                   inverse_method: str = "cholesky", structure: str = "block_diagonal",
-                  axis_name: Optional[str] = None,
-                  spread_inverses: bool = True) -> optax.GradientTransformationExtraArgs:
+                  axis_name: Optional[str] = None, spread_inverses: bool = True,
+                  mesh: Optional[jax.sharding.Mesh] = None
+                  ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the Kronecker-factored Fisher inverse.
 
   Martens & Grosse (2015): section 4.2 (block-diagonal inverse), section 5
@@ -112,10 +114,14 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
       they are averaged across devices only when the inverses are refreshed
       (the state's `factors` are each device's own). The gradients are
       yours to average, as with any optax transform.
-    spread_inverses: with `axis_name`, each device computes the inverses of
-      a share of the layers balanced by cubic cost, and the results are
-      gathered (`jkfac.distributed.spread`), instead of every device
-      computing all of them.
+    spread_inverses: with `axis_name` or `mesh`, each device computes the
+      inverses of a share of the layers balanced by cubic cost, and the
+      results are gathered (`jkfac.distributed.spread`), instead of every
+      device computing all of them.
+    mesh: under `jit` with the batch sharded over a `jax.sharding.Mesh` (no
+      `axis_name` needed: the statistics are already those of the whole
+      batch), the mesh whose devices share the inverse work, through a
+      `shard_map` over all its axes at each refresh.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -139,15 +145,15 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
                             _zeros(inverse_shapes, traced), damping0,
                             jnp.zeros([], jnp.int32))
 
-  def _inverses(factors, lam, spread=False):
+  def _inverses(factors, lam, spread_over=None):
     items = [([layer], lambda layer=layer: [block_of[layer.name].inverse(
         layer, factors[layer.name], lam, inverse_method)]) for layer in layers]
     items += [(chain, lambda chain=chain: tridiagonal.inverses(
         [factors[l.name] for l in chain], lam, inverse_method)) for chain in chain_layers]
     functions = [f for _, f in items]
-    if spread:
+    if spread_over is not None:
       costs = [distributed.cubic_cost([factors[l.name] for l in owners]) for owners, _ in items]
-      results = distributed.spread(functions, costs, axis_name)
+      results = distributed.spread(functions, costs, spread_over)
     else:
       results = [f() for f in functions]
     return {l.name: inv for (owners, _), result in zip(items, results)
@@ -172,10 +178,16 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     refresh = (state.count % inverse_every == 0) | (state.count < inverse_warmup) | refresh_now
 
     def recompute(_):
-      if axis_name is None:
-        fresh = _inverses(factors, lam)
+      if axis_name is not None:
+        fresh = _inverses(jax.lax.pmean(factors, axis_name), lam,
+                          axis_name if spread_inverses else None)
+      elif mesh is not None and spread_inverses:
+        axes = tuple(mesh.axis_names)
+        fresh = jax.shard_map(lambda f, l: _inverses(f, l, axes), mesh=mesh,
+                              in_specs=(P(), P()), out_specs=P(),
+                              check_vma=False)(factors, lam)
       else:
-        fresh = _inverses(jax.lax.pmean(factors, axis_name), lam, spread=spread_inverses)
+        fresh = _inverses(factors, lam)
       return jax.lax.cond(linalg.all_finite(fresh), lambda: (fresh, lam),
                           lambda: (state.inverses, state.damping))
 
@@ -256,8 +268,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
          nesterov: bool = False, l2_reg: float = 0.0, decay: float = 0.95,
          inverse_every: int = 20, inverse_warmup: int = 3,
          inverse_method: str = "cholesky", structure: str = "block_diagonal",
-         axis_name: Optional[str] = None,
-         spread_inverses: bool = True) -> optax.GradientTransformationExtraArgs:
+         axis_name: Optional[str] = None, spread_inverses: bool = True,
+         mesh: Optional[jax.sharding.Mesh] = None) -> optax.GradientTransformationExtraArgs:
   """K-FAC: the preconditioner, then momentum and the learning rate.
 
   With both `learning_rate` and `momentum` given, this is
@@ -302,7 +314,9 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     structure: the inverse's block structure (see `scale_by_kfac`).
     axis_name: under `pmap`, the mapped axis (see `scale_by_kfac`); the
       quadratic model's products and ρ are averaged over it too.
-    spread_inverses: with `axis_name`, spread the inverses over the devices
+    spread_inverses: with `axis_name` or `mesh`, spread the inverses over the
+      devices (see `scale_by_kfac`).
+    mesh: under sharded `jit`, the mesh whose devices share the inverse work
       (see `scale_by_kfac`).
 
   Returns:
@@ -331,7 +345,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   preconditioner = scale_by_kfac(est, damping=with_l2(damping), decay=decay,
                                  inverse_every=inverse_every, inverse_warmup=inverse_warmup,
                                  inverse_method=inverse_method, structure=structure,
-                                 axis_name=axis_name, spread_inverses=spread_inverses)
+                                 axis_name=axis_name, spread_inverses=spread_inverses,
+                                 mesh=mesh)
   if learning_rate is not None and momentum is not None:
     return optax.chain(
         preconditioner,
