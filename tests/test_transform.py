@@ -219,3 +219,36 @@ def test_failed_inverse_keeps_the_previous_inverses(monkeypatch):
   updates, state2 = tx.update(grads, state, params, stats=stats)
   jax.tree_util.tree_map(np.testing.assert_array_equal, state2.inverses, state.inverses)
   assert all(np.all(np.isfinite(u)) for u in jax.tree_util.tree_leaves(updates))
+
+
+@pytest.mark.parametrize("optimizer", ["adaptive", "fixed_apply_if_finite"])
+def test_a_non_finite_batch_leaves_parameters_finite_and_training_going(optimizer):
+  params = bf.mlp_params(KEY, SIZES, dtype=jnp.float32)
+  x, y = _data(n=32)
+  x = x.astype(jnp.float32)
+  est = jkfac.estimator(_ce_loss, params, x, y)
+  if optimizer == "adaptive":
+    tx = jkfac.kfac(est, damping=1e-2)
+  else:  # with a fixed learning rate, as any optax optimizer: apply_if_finite
+    tx = optax.apply_if_finite(jkfac.kfac(est, 0.1, momentum=0.9, damping=1e-2), 3)
+
+  @jax.jit
+  def step(params, state, x, key):
+    loss, grads, stats = est(params, x, y, rng=key)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state, loss, updates
+
+  state = tx.init(params)
+  losses = []
+  for i in range(12):
+    bad = {3: jnp.nan, 7: jnp.inf}.get(i)
+    xi = x if bad is None else x.at[0, 0].set(bad)  # NaN/Inf in the input: loss, grads, stats
+    before = params
+    params, state, loss, updates = step(params, state, xi, jax.random.PRNGKey(i))
+    assert all(np.all(np.isfinite(p)) for p in jax.tree_util.tree_leaves(params)), i
+    if bad is not None:  # the step is skipped
+      assert all(np.all(u == 0) for u in jax.tree_util.tree_leaves(updates))
+      jax.tree_util.tree_map(np.testing.assert_array_equal, params, before)
+    else:
+      losses.append(float(loss))
+  assert losses[-1] < 0.8 * losses[0]  # and training goes on

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jkfac import linalg
 from jkfac.estimator import Estimator, Statistics
 
 Array = jax.Array
@@ -139,11 +140,17 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
         curvature, grad_dots,
         None if learning_rate is None else value_at(learning_rate, step_count),
         None if momentum is None else value_at(momentum, step_count))
+    # No step at all (momentum restarts) when the direction or the gradient is
+    # not finite: 0 x NaN would still be NaN.
+    finite = linalg.all_finite((direction, grads)) & jnp.isfinite(alpha) & jnp.isfinite(mu)
+    alpha, mu = jnp.where(finite, alpha, 0.0), jnp.where(finite, mu, 0.0)
     step = jax.tree_util.tree_map(
-        lambda d, p: (alpha * d.astype(dtype) + mu * p.astype(dtype)).astype(d.dtype),
+        lambda d, p: jnp.where(finite, alpha * d.astype(dtype) + mu * p.astype(dtype),
+                               0.0).astype(d.dtype),
         direction, previous)
     coefficients = jnp.stack([alpha, mu])
-    change = 0.5 * coefficients @ curvature @ coefficients + coefficients @ grad_dots
+    change = jnp.where(finite, 0.5 * coefficients @ curvature @ coefficients
+                       + coefficients @ grad_dots, 0.0)
     return step, QuadraticModelState(step, alpha, mu, change)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
