@@ -141,8 +141,8 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
         None if learning_rate is None else value_at(learning_rate, step_count),
         None if momentum is None else value_at(momentum, step_count))
     # No step at all (momentum restarts) when the direction or the gradient is
-    # not finite: 0 x NaN would still be NaN.
-    finite = linalg.all_finite((direction, grads)) & jnp.isfinite(alpha) & jnp.isfinite(mu)
+    # not finite (α, μ are then 0, but 0 x NaN would still be NaN).
+    finite = linalg.all_finite((direction, grads))
     alpha, mu = jnp.where(finite, alpha, 0.0), jnp.where(finite, mu, 0.0)
     step = jax.tree_util.tree_map(
         lambda d, p: jnp.where(finite, alpha * d.astype(dtype) + mu * p.astype(dtype),
