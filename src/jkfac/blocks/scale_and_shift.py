@@ -17,8 +17,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from jkfac import linalg
-from jkfac.blocks import full
+from jkfac.blocks import diagonal, full
 from jkfac.blocks.base import Captures, flatten, unflatten
 
 Array = jax.Array
@@ -56,22 +55,21 @@ class ScaleAndShiftBlock:
   def inverse(self, layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns `(F + λ I)^{-1}` (full) or `1 / (diag + λ)`."""
-    if layer.option("full"):
-      return {"full_inv": linalg.damped_inverse(factors["full"], damping, method)}
-    return {"diag_inv": 1.0 / (jnp.maximum(factors["diag"], 0.0) + damping)}
+    block = full.BLOCK if layer.option("full") else diagonal.BLOCK
+    return block.inverse(layer, factors, damping, method)
 
   def precondition(self, layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
     """Returns the preconditioned scale and shift gradients."""
     if layer.option("full"):
-      full_inv = inverse["full_inv"]
-      return unflatten(full_inv @ flatten(grads, full_inv.dtype), grads)
+      return full.BLOCK.precondition(layer, inverse, grads)
     diag_inv = inverse["diag_inv"]
     return unflatten(flatten(grads, diag_inv.dtype) * diag_inv, grads)
 
   def describe(self, layer) -> str:
-    size = full.size_of(layer)
-    return f"full {size}x{size}" if layer.option("full") else f"diag {size}"
+    if layer.option("full"):
+      return full.BLOCK.describe(layer)
+    return f"diag {full.size_of(layer)}"
 
 
 BLOCK = ScaleAndShiftBlock()
