@@ -3,6 +3,7 @@
 
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model
 from jkfac.averaging import PolyakAveraging, PolyakState, averaged_params, polyak_average
+from jkfac.diagnostics import Diagnostics, diagnostics, format_diagnostics
 from jkfac.estimator import Estimator, Statistics, estimator
 from jkfac.losses import (register_bernoulli_predictive, register_categorical_predictive,
                           register_gaussian_predictive, sigmoid_cross_entropy,
@@ -15,11 +16,11 @@ from jkfac.transform import KFACState, ScaleByKFACState, kfac, scale_by_kfac
 __version__ = "0.1.0"
 
 __all__ = [
-    "Estimator", "KFACState", "Layer", "Param", "PolyakAveraging", "PolyakState",
-    "QuadraticModelState", "ScaleByKFACState", "Statistics", "averaged_params", "estimator",
-    "growing_batch_size", "growing_batch_sizes", "kfac", "polyak_average",
-    "scale_by_quadratic_model",
-    "register_bernoulli_predictive", "register_categorical_predictive", "register_conv",
-    "register_dense", "register_gaussian_predictive", "register_scale_and_shift",
-    "scale_by_kfac", "sigmoid_cross_entropy", "softmax_cross_entropy", "squared_error",
+    "Diagnostics", "Estimator", "KFACState", "Layer", "Param", "PolyakAveraging", "PolyakState",
+    "QuadraticModelState", "ScaleByKFACState", "Statistics", "averaged_params", "diagnostics",
+    "estimator", "format_diagnostics", "growing_batch_size", "growing_batch_sizes", "kfac",
+    "polyak_average", "register_bernoulli_predictive", "register_categorical_predictive",
+    "register_conv", "register_dense", "register_gaussian_predictive",
+    "register_scale_and_shift", "scale_by_kfac", "scale_by_quadratic_model",
+    "sigmoid_cross_entropy", "softmax_cross_entropy", "squared_error",
 ]

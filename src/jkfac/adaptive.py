@@ -121,7 +121,8 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
                 damping_now: Any = None, **unused_extra_args):
     if stats is None or grads is None:
       raise ValueError("scale_by_quadratic_model needs stats= (from the estimator) and "
-                       "grads= (the raw gradient); use it through jkfac.kfac.")
+                       "grads= (the raw gradient): call update(updates, state, params, "
+                       "stats=stats, grads=grads), or use jkfac.kfac, which passes both.")
     dtype = est.factor_dtype
     direction = jax.tree_util.tree_map(lambda u: -u, updates)
     previous = state.previous_update

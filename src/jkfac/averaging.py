@@ -73,7 +73,11 @@ def polyak_average(decay: float = 0.99) -> PolyakAveraging:
   Raises:
     ValueError: if `decay` is not in [0, 1).
   """
-  if not 0.0 <= decay < 1.0:
+  try:
+    in_range = bool(0.0 <= decay < 1.0)
+  except TypeError:  # None, a string, ...
+    in_range = False
+  if not in_range:
     raise ValueError(
         f"polyak_average: decay must be in [0, 1), got {decay!r}; use e.g. "
         "decay=0.99 (an average over about the last 100 iterates), or decay=0 "

@@ -78,7 +78,9 @@ def spread(functions: Sequence[Callable[[], Any]], costs: Sequence[float],
   shapes = [jax.eval_shape(f) for f in functions]
   dtypes = {leaf.dtype for s in shapes for leaf in jax.tree_util.tree_leaves(s)}
   if len(dtypes) != 1:
-    raise ValueError(f"spread: the results must share one dtype, got {sorted(map(str, dtypes))}.")
+    raise ValueError(f"spread: the results must share one dtype, got "
+                     f"{sorted(map(str, dtypes))}. Cast every function's results to one "
+                     "dtype (e.g. .astype(jnp.float32)) before spreading them.")
   dtype = dtypes.pop()
   sizes = [sum(leaf.size for leaf in jax.tree_util.tree_leaves(s)) for s in shapes]
   shares = balanced_shares(costs, devices)

@@ -76,24 +76,31 @@ class Estimator:
 
   Made by `jkfac.estimator`; see there. Attributes: `layers` (the layer table,
   graph order, fallbacks last), `losses`, `mode`, `id`, `chains` (the layer
-  indices of the block-tridiagonal chains, once requested).
+  indices of the block-tridiagonal chains, once requested), `factor_dtype`
+  (the dtype of the statistics and of everything the transforms derive from
+  them).
   """
 
   def __init__(self, loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
                mode: str, has_aux: bool, stats_fraction: float, fisher_samples: int,
                overrides: Optional[dict[str, str]] = None, weight_sharing: str = "expand",
-               curvature_fraction: float = 1.0):
+               curvature_fraction: float = 1.0, factor_dtype: Any = None):
     if mode not in MODES:
-      raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+      raise ValueError(f"mode must be one of {MODES}, got {mode!r}: 'fisher' samples "
+                       "targets from the model (the true Fisher, the default), "
+                       "'empirical' uses the data's targets, 'exact' the expectation.")
     for name, fraction in (("stats_fraction", stats_fraction),
                            ("curvature_fraction", curvature_fraction)):
       if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {fraction}.")
+        raise ValueError(f"{name} must be in (0, 1], got {fraction}: the fraction of the "
+                         "batch used, e.g. 0.125 for its first eighth, 1 for all of it.")
     if weight_sharing not in dense.WEIGHT_SHARING:
       raise ValueError(f"weight_sharing must be one of {dense.WEIGHT_SHARING}, got "
-                       f"{weight_sharing!r}.")
-    if fisher_samples < 1:
-      raise ValueError(f"fisher_samples must be at least 1, got {fisher_samples}.")
+                       f"{weight_sharing!r}: 'expand' (every row an example, the "
+                       "default) or 'reduce' (rows aggregated per example).")
+    if not hasattr(fisher_samples, "__index__") or fisher_samples < 1:  # an int
+      raise ValueError(f"fisher_samples must be a positive integer (targets sampled per "
+                       f"example), got {fisher_samples!r}; use 1 (the default) or more.")
     self.loss_fn = loss_fn
     self.mode = mode
     self.has_aux = has_aux
@@ -102,11 +109,12 @@ class Estimator:
     self.fisher_samples = fisher_samples
     self.overrides = dict(overrides or {})
     self.weight_sharing = weight_sharing
+    self._num_args = len(args)
     self.id = next(_ids)
     leaves, self.params_tree = jax.tree_util.tree_flatten(params)
     self._param_shapes = [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves]
     inexact = [d for _, d in self._param_shapes if jnp.issubdtype(d, jnp.inexact)]
-    self.factor_dtype = jnp.result_type(jnp.float32, *inexact)
+    self.factor_dtype = resolve_factor_dtype(factor_dtype, inexact)
     self._programs: dict[Any, tracing.Program] = {}
     program = tracing.trace(loss_fn, params, args, has_aux, overrides=self.overrides,
                             weight_sharing=weight_sharing)
@@ -133,9 +141,7 @@ class Estimator:
       this batch's `Statistics`.
     """
     flat_params = self.check_params(params, "est(params, ...)")
-    if self.mode == "fisher" and rng is None:
-      raise ValueError("mode='fisher' samples targets from the model: call "
-                       "est(params, *args, rng=key) with a jax.random key.")
+    self._check_call(flat_params, args, rng)
     flat_args, args_tree = jax.tree_util.tree_flatten(tuple(args))
     program = self._program(flat_params, flat_args, args_tree)
     (loss, aux), grads, inputs, preds, targets, backward = self._forward(
@@ -375,8 +381,37 @@ class Estimator:
     for leaf, (shape, _), layer_path in zip(leaves, self._param_shapes, self._paths()):
       if tuple(jnp.shape(leaf)) != shape:
         raise ValueError(f"{where}: parameter {layer_path!r} has shape "
-                         f"{tuple(jnp.shape(leaf))}, the estimator expects {shape}.")
+                         f"{tuple(jnp.shape(leaf))}, the estimator expects {shape}. Pass "
+                         "arrays shaped as the parameters given to jkfac.estimator, or "
+                         "build a new estimator for the new shapes.")
     return leaves
+
+  def _check_call(self, flat_params: list[Array], args: Sequence[Any], rng: Any) -> None:
+    """`est(params, *args, rng=key)`: the set-up's dtypes and arguments, a key."""
+    for leaf, (_, dtype), layer_path in zip(flat_params, self._param_shapes, self._paths()):
+      if jnp.result_type(leaf) != dtype:
+        raise ValueError(
+            f"est(params, ...): parameter {layer_path!r} has dtype {jnp.result_type(leaf)}, "
+            f"the estimator was built with {dtype}. Pass parameters of the set-up's dtypes, "
+            "or build a new estimator (and optimizer) with the new ones: the factor dtype "
+            "and the layer table follow the parameters given to jkfac.estimator.")
+    if len(args) != self._num_args:
+      raise ValueError(
+          f"est(params, *args): got {len(args)} argument(s) after params, the estimator "
+          f"was built with {self._num_args}. Pass the arguments given to jkfac.estimator "
+          "(new shapes are fine), or build another estimator for another signature.")
+    if self.mode != "fisher":
+      return
+    if rng is None:
+      raise ValueError("mode='fisher' samples targets from the model: call "
+                       "est(params, *args, rng=key) with a jax.random key.")
+    dtype = getattr(rng, "dtype", None)
+    if dtype is None or not (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                             or dtype == jnp.uint32):
+      got = repr(rng) if dtype is None else f"an array of dtype {dtype}"
+      raise TypeError(f"rng must be a jax.random key, got {got}. Pass "
+                      "rng=jax.random.key(seed) (or jax.random.PRNGKey(seed)), a new one "
+                      "each step: jax.random.fold_in(key, step).")
 
   def _paths(self) -> list[str]:
     paths = {p.index: p.path for layer in self.layers for p in layer.params}
@@ -465,11 +500,53 @@ def _check_nonempty(program: tracing.Program) -> None:
                        "example.")
 
 
+def resolve_factor_dtype(factor_dtype: Any, param_dtypes: Sequence[Any]) -> Any:
+  """The factor dtype: the one asked for, checked, or the parameters' default.
+
+  Args:
+    factor_dtype: None, or the dtype asked for (`jnp.float32`, `jnp.float64`).
+    param_dtypes: the dtypes of the inexact parameters.
+
+  Returns:
+    float32 or float64 (None: float32, or the widest parameter dtype if wider).
+
+  Raises:
+    ValueError: a dtype other than float32 or float64, or float64 without
+      `jax_enable_x64`.
+  """
+  if factor_dtype is None:
+    return jnp.result_type(jnp.float32, *param_dtypes)
+  try:
+    dtype = jnp.dtype(factor_dtype)
+  except TypeError as e:
+    raise ValueError(f"factor_dtype must be jnp.float32 or jnp.float64 (or None), got "
+                     f"{factor_dtype!r}.") from e
+  if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(
+        f"factor_dtype={dtype.name} is not supported: factors and their inverses in half "
+        "precision lose the moving averages' small (1 - decay) increments (8 or 11 "
+        "significant bits), float16 underflows the output derivatives' second moments, "
+        "and a Cholesky factorisation of a damped factor needs more digits than that. "
+        "Keep the parameters in half precision and leave factor_dtype=None (float32): "
+        "the statistics are accumulated in float32 and the updates come back in the "
+        "parameters' dtype.")
+  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+    raise ValueError(f"factor_dtype must be jnp.float32 or jnp.float64 (or None), got "
+                     f"{dtype.name}.")
+  if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
+    raise ValueError(
+        "factor_dtype=float64 needs 64-bit JAX: call "
+        "jax.config.update('jax_enable_x64', True) at start-up (or set "
+        "JAX_ENABLE_X64=1), or use factor_dtype=jnp.float32.")
+  return dtype
+
+
 def _batch_size(program: tracing.Program, what: str) -> int:
   sizes = {loss.prediction_shape[0] for loss in program.losses}
   if len(sizes) != 1:
     raise ValueError(f"{what} needs one batch size, but the losses' predictions have "
-                     f"leading dimensions {sorted(sizes)}.")
+                     f"leading dimensions {sorted(sizes)}. Give every loss one "
+                     "prediction per example of the batch (the same leading size).")
   return sizes.pop()
 
 
@@ -478,7 +555,8 @@ def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = 
               fisher_samples: int = 1,
               overrides: Optional[dict[str, str]] = None,
               weight_sharing: str = "expand",
-              curvature_fraction: float = 1.0) -> Estimator:
+              curvature_fraction: float = 1.0,
+              factor_dtype: Any = None) -> Estimator:
   """Traces `loss_fn` once and returns the one-pass estimator `est`.
 
   The loss function computes its value with a jkfac loss
@@ -513,10 +591,20 @@ def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = 
       which `stats.extras["curvature"]` computes exact curvature products
       for the quadratic model of `jkfac.kfac` (a forward pass and one
       forward-mode product per vector); 1, the paper's choice, by default.
+    factor_dtype: the dtype of the statistics, and of everything derived
+      from them in `scale_by_kfac` and `kfac` (moving averages, inverses,
+      damping, the quadratic model, the reduction ratio). None (the
+      default): float32, or float64 when a parameter is float64 (with
+      `jax_enable_x64`). Else `jnp.float32`, or `jnp.float64` (which needs
+      `jax_enable_x64`). Half precision is not offered: parameters may be
+      bfloat16 or float16 (the forward and backward passes then run in that
+      dtype), but activations and output derivatives are cast to the factor
+      dtype before their outer products are summed, and preconditioned
+      updates come back in each parameter's own dtype.
 
   Returns:
     The estimator: call it as `est(params, *args, rng=key)`; `print(est)`
     shows the layer table.
   """
   return Estimator(loss_fn, params, args, mode, has_aux, stats_fraction, fisher_samples,
-                   overrides, weight_sharing, curvature_fraction)
+                   overrides, weight_sharing, curvature_fraction, factor_dtype)

@@ -58,7 +58,8 @@ def damped_inverse(matrix: Array, shift: Array, method: str = "cholesky") -> Arr
     fails, which the caller detects (`all_finite`) and replaces.
   """
   if method not in METHODS:
-    raise ValueError(f"inverse method must be one of {METHODS}, got {method!r}.")
+    raise ValueError(f"inverse method must be one of {METHODS}, got {method!r}: pass "
+                     "'cholesky' (the default) or 'eigh'.")
   shift = floored_shift(matrix, shift)
   if method == "eigh":
     eigenvalues, eigenvectors = jnp.linalg.eigh(matrix)

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jkfac import tags
 
@@ -134,11 +135,23 @@ def register_categorical_predictive(logits: Array, labels: Array,
     `logits`, unchanged: compute the loss value from it.
   """
   if labels.shape != logits.shape[:-1]:
-    raise ValueError(f"Categorical loss: labels must have shape {logits.shape[:-1]} "
-                     f"(logits without the class axis), got {labels.shape}.")
+    raise ValueError(
+        f"Categorical loss: labels must have shape {logits.shape[:-1]} (logits "
+        f"{logits.shape} without the class axis), got {labels.shape}. Pass one integer "
+        "label per example, from a batch whose inputs and labels have the same size "
+        "(not one-hot labels: jnp.argmax(one_hot, axis=-1) gives the indices).")
   if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"Categorical loss: labels must be integers, got {labels.dtype}. "
-                    "For one-hot or soft targets use sigmoid/other losses.")
+    raise TypeError(
+        f"Categorical loss: labels must be integer class indices, got dtype {labels.dtype}. "
+        "Cast them (labels.astype(jnp.int32)); for soft or multi-label targets in "
+        "[0, 1] use jkfac.sigmoid_cross_entropy.")
+  classes = logits.shape[-1]
+  low, high = _concrete_range(labels)
+  if low is not None and (low < 0 or high >= classes):
+    raise ValueError(
+        f"Categorical loss: labels must be in [0, {classes}) for logits with {classes} "
+        f"classes, got labels from {low} to {high}. Give the model one output per class, "
+        f"or remap the labels to 0..{classes - 1}.")
   return tags.loss_tag(logits, labels, distribution="categorical", weight=weight)
 
 
@@ -155,6 +168,12 @@ def register_bernoulli_predictive(logits: Array, targets: Array,
     `logits`, unchanged.
   """
   _check_same_shape("sigmoid_cross_entropy", logits, targets)
+  low, high = _concrete_range(targets)
+  if low is not None and (low < 0 or high > 1):
+    raise ValueError(
+        f"sigmoid_cross_entropy: targets must be in [0, 1] (probabilities), got values "
+        f"from {low} to {high}. Rescale them, e.g. (targets + 1) / 2 for labels in "
+        "{-1, 1}; for integer class labels use jkfac.softmax_cross_entropy.")
   return tags.loss_tag(logits, targets, distribution="bernoulli", weight=weight)
 
 
@@ -176,10 +195,31 @@ def register_gaussian_predictive(mean: Array, targets: Array,
 
 def _check_same_shape(name: str, prediction: Array, targets: Array) -> None:
   if prediction.shape != targets.shape:
-    raise ValueError(f"{name}: predictions {prediction.shape} and targets "
-                     f"{targets.shape} must have the same shape.")
+    raise ValueError(
+        f"{name}: predictions {prediction.shape} and targets {targets.shape} must have "
+        "the same shape (one target per output, the same batch size). Reshape the "
+        "targets (e.g. targets.reshape(predictions.shape)) or fix the model's output "
+        "size.")
   if prediction.ndim < 1:
-    raise ValueError(f"{name}: predictions need a leading batch axis, got a scalar.")
+    raise ValueError(f"{name}: predictions need a leading batch axis, got a scalar. "
+                     "Add one: pass predictions[None] and targets[None].")
+
+
+def _concrete_range(values: Array) -> tuple[Any, Any]:
+  """`(min, max)` of `values` when they are concrete, else `(None, None)`.
+
+  Only an eager call has concrete values: under `jit`, and always inside
+  `est` (which traces the loss), they are abstract and the range is not
+  checked, as that would need a host sync. Out-of-range categorical labels
+  then give a NaN loss; Bernoulli targets outside [0, 1] a wrong one.
+  """
+  if isinstance(values, jax.core.Tracer) or (
+      isinstance(values, jax.Array) and not values.is_fully_addressable):
+    return None, None
+  values = np.asarray(values)
+  if values.size == 0:
+    return None, None
+  return values.min().item(), values.max().item()
 
 
 def softmax_cross_entropy(logits: Array, labels: Array, weight: float = 1.0) -> Array:
@@ -189,7 +229,9 @@ def softmax_cross_entropy(logits: Array, labels: Array, weight: float = 1.0) -> 
 
   Args:
     logits: shape `(..., classes)`.
-    labels: integer labels, shape `logits.shape[:-1]`.
+    labels: integer labels in `[0, classes)`, shape `logits.shape[:-1]`. Out
+      of range labels are refused in an eager call; under `jit` and inside
+      `est` they cannot be checked without a host sync and give a NaN loss.
     weight: multiplies the returned value and the registered curvature.
 
   Returns:

@@ -60,7 +60,8 @@ def apply(layers: Sequence[Any], uses: Sequence[tuple[Any, ...]],
     return tuple(layers), tuple(uses)
   for pattern, choice in overrides.items():
     if choice not in CHOICES:
-      raise ValueError(f"overrides[{pattern!r}] = {choice!r}: the choices are {CHOICES}.")
+      raise ValueError(f"overrides[{pattern!r}] = {choice!r} is not a block choice: use "
+                       f"one of {CHOICES}.")
   used: set[str] = set()
   new_layers, new_uses = [], []
   for layer, layer_uses in zip(layers, uses):
@@ -95,6 +96,9 @@ def apply(layers: Sequence[Any], uses: Sequence[tuple[Any, ...]],
           "and 'none' apply to every layer.")
   unused = [p for p in overrides if p not in used]
   if unused:
-    raise ValueError(f"overrides: the patterns {unused} match no layer name or parameter "
-                     f"path. The layers are: {[l.name for l in layers]}.")
+    raise ValueError(
+        f"overrides: the patterns {unused} match no layer name or parameter path. The "
+        f"layers are {[l.name for l in layers]}, the parameters "
+        f"{[p.path for l in layers for p in l.params]}: use fnmatch patterns of these "
+        "(e.g. 'Dense_*' or '*/kernel'), as print(est) shows them without overrides.")
   return tuple(new_layers), tuple(new_uses)

@@ -56,12 +56,14 @@ def growing_batch_size(initial: int, total: int, full_at: int = 500,
   """
   _check_sizes(initial, total, full_at)
   if round_to is not None and round_to < 1:
-    raise ValueError(f"growing_batch_size: round_to must be >= 1 or None, got {round_to!r}.")
+    raise ValueError(f"growing_batch_size: round_to must be >= 1 or None, got {round_to!r}; "
+                     "pass None for no rounding, or e.g. round_to=100.")
   rate = math.log(total / initial) / max(full_at - 1, 1)
 
   def size(k: int) -> int:
     if k < 1:
-      raise ValueError(f"growing_batch_size: steps are 1-based, got k={k!r}.")
+      raise ValueError(f"growing_batch_size: steps are 1-based, got k={k!r}; call it with "
+                       "k = step + 1 for a 0-based step counter.")
     if k >= full_at:
       return total
     target = math.floor(min(initial * math.exp((k - 1) * rate), total) + _SLACK)
@@ -98,10 +100,12 @@ def growing_batch_sizes(initial: int, total: int, steps: int, full_at: int = 500
   """
   _check_sizes(initial, total, full_at)
   if steps < 0:
-    raise ValueError(f"growing_batch_sizes: steps must be >= 0, got {steps!r}.")
+    raise ValueError(f"growing_batch_sizes: steps must be >= 0, got {steps!r}; pass the "
+                     "number of training steps to plan for.")
   if distinct < 2:
     raise ValueError(f"growing_batch_sizes: distinct must be >= 2 (the initial and the "
-                     f"full batch), got {distinct!r}.")
+                     f"full batch), got {distinct!r}; e.g. distinct=8 compiles the step "
+                     "at most 8 times.")
   ratio = total / initial
   levels = sorted({math.floor(initial * ratio ** (i / (distinct - 1)) + _SLACK)
                    for i in range(distinct - 1)} | {total})

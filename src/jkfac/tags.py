@@ -91,13 +91,18 @@ def register_dense(y: Array, x: Array, w: Array, b: Optional[Array] = None) -> A
 
 def _check_dense(y, x, w, b) -> None:
   if w.ndim != 2:
-    raise ValueError(f"register_dense: w must be 2-D (in, out), got shape {w.shape}.")
+    raise ValueError(f"register_dense: w must be 2-D (in, out), got shape {w.shape}. "
+                     "Leave layers with other kernels untagged: `x @ w`, jnp.einsum and "
+                     "lax.dot_general layers are found automatically.")
   if x.shape[-1:] != w.shape[:1] or y.shape != x.shape[:-1] + w.shape[1:]:
     raise ValueError(
         f"register_dense: shapes do not match y = x @ w + b: x {x.shape}, w "
-        f"{w.shape}, y {y.shape}. x must be (..., in), w (in, out), y (..., out).")
+        f"{w.shape}, y {y.shape}. x must be (..., in), w (in, out), y (..., out): pass "
+        "the layer's own input, kernel and output (a kernel stored (out, in) is w.T, "
+        "which is not a parameter leaf: leave that layer untagged).")
   if b is not None and b.shape != w.shape[1:]:
-    raise ValueError(f"register_dense: b must have shape {w.shape[1:]}, got {b.shape}.")
+    raise ValueError(f"register_dense: b must have shape {w.shape[1:]} (w's output "
+                     f"size), got {b.shape}. Pass the bias added to this layer's output.")
 
 
 def register_conv(y: Array, x: Array, w: Array, b: Optional[Array] = None,
@@ -117,14 +122,27 @@ def register_conv(y: Array, x: Array, w: Array, b: Optional[Array] = None,
     `y`, unchanged.
   """
   from jkfac.blocks import conv  # pylint: disable=g-import-not-at-top (a cycle otherwise)
+  expected = _conv_output(x, w, conv_args)
   spec = conv.spec_from_args(x.shape, w.shape, **conv_args)
-  expected = jax.eval_shape(lambda x, w: jax.lax.conv_general_dilated(x, w, **conv_args), x, w)
   if y.shape != expected.shape or (b is not None and b.shape != (w.shape[spec.rhs_spec[0]],)):
     raise ValueError(
         f"register_conv: shapes do not match y = conv(x, w) + b: x {x.shape}, w {w.shape}, "
-        f"y {y.shape} (expected {expected.shape}), b {None if b is None else b.shape}. "
-        "Pass the convolution's own input, kernel and keyword arguments.")
+        f"y {y.shape} (expected {expected.shape}), b {None if b is None else b.shape} "
+        f"(expected ({w.shape[spec.rhs_spec[0]]},), the output channels). Pass the "
+        "convolution's own input, kernel, output and keyword arguments.")
   return _layer_tag("conv", y, x, (w, b), conv=spec)
+
+
+def _conv_output(x: Array, w: Array, conv_args: dict[str, Any]) -> jax.ShapeDtypeStruct:
+  """The shape of `lax.conv_general_dilated(x, w, **conv_args)`, or a clear error."""
+  try:
+    return jax.eval_shape(lambda x, w: jax.lax.conv_general_dilated(x, w, **conv_args), x, w)
+  except (TypeError, ValueError) as error:
+    raise ValueError(
+        f"register_conv: lax.conv_general_dilated(x, w, **conv_args) fails for x "
+        f"{x.shape}, w {w.shape}, conv_args {conv_args}: {error}\nPass the "
+        "convolution's own input, kernel and keyword arguments (window_strides and "
+        "padding are required, as for lax.conv_general_dilated).") from error
 
 
 def register_scale_and_shift(y: Array, x: Array, scale: Optional[Array] = None,
@@ -144,14 +162,16 @@ def register_scale_and_shift(y: Array, x: Array, scale: Optional[Array] = None,
     `y`, unchanged.
   """
   if scale is None and shift is None:
-    raise ValueError("register_scale_and_shift needs a scale, a shift or both.")
+    raise ValueError("register_scale_and_shift needs a scale, a shift or both: pass "
+                     "scale=..., shift=... (parameter leaves).")
   shapes = {p.shape for p in (scale, shift) if p is not None}
   shape = shapes.pop()
   if shapes or y.shape != x.shape or (shape and x.shape[x.ndim - len(shape):] != shape):
     raise ValueError(
         f"register_scale_and_shift: shapes do not match y = x * scale + shift: x {x.shape}, "
         f"y {y.shape}, scale {None if scale is None else scale.shape}, shift "
-        f"{None if shift is None else shift.shape}. scale and shift have x's trailing shape.")
+        f"{None if shift is None else shift.shape}. y must have x's shape, and scale and "
+        "shift x's trailing shape (e.g. (features,) for x (batch, features)).")
   axes = tuple(range(x.ndim - len(shape), x.ndim))
   return _layer_tag("scale_and_shift", y, x, (scale, shift), axes=axes)
 
@@ -171,4 +191,19 @@ def loss_tag(prediction: Array, target: Array, *, distribution: str,
     `prediction`, unchanged.
   """
   return loss_tag_p.bind(prediction, target, distribution=distribution,
-                         weight=float(weight))
+                         weight=_static_weight(weight))
+
+
+def _static_weight(weight: Any) -> float:
+  """`weight` as a float: a concrete, finite, non-negative number."""
+  if isinstance(weight, jax.core.Tracer):
+    raise ValueError(
+        f"Loss weight: got a traced array ({weight.aval}); the weight scales the "
+        "registered curvature and must be known when the loss is traced. Pass a Python "
+        "number (weight=0.5), not an array computed from the arguments.")
+  value = float(weight)
+  if not value >= 0.0 or value == float("inf"):
+    raise ValueError(f"Loss weight must be a finite number >= 0, got {weight!r}. To "
+                     "subtract a loss, change the model instead: a negative weight "
+                     "makes the curvature negative.")
+  return value

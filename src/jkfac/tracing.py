@@ -223,7 +223,8 @@ class _Walker:
             "(lax.cond, lax.switch, lax.while_loop, lax.scan or a similar "
             "control-flow primitive). jkfac needs the loss outside control flow: "
             "compute every branch's predictions, select them with jnp.where, and "
-            "call the jkfac loss function once on the result.")
+            "call the jkfac loss function once on the result (for a loop, return the "
+            "predictions from it and compute the loss after it).")
 
   def _nested(self, index: int, eqn, ins: list[Any], plan: interpret.Plan) -> list[Any]:
     name = eqn.primitive.name
@@ -569,9 +570,12 @@ def trace(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
                    if l.kind == "dense" else l for l in layers)
   layers, uses = overrides_lib.apply(layers, uses, overrides)
   if reference is not None and tuple(reference) != layers:
+    describe = lambda table: [f"{l.name} ({l.kind}, {len(l.params)} params)" for l in table]
     raise ValueError(
         "Tracing the loss function with new argument shapes found different layers "
-        "than at set-up. The model's structure must not depend on argument shapes.")
+        f"than at set-up.\n  set-up: {describe(reference)}\n  now:    {describe(layers)}\n"
+        "The model's structure must not depend on argument shapes: write the model so "
+        "that every batch shape uses the same layers, or build one estimator per shape.")
   return Program(plan, layers, uses, tuple(walker.losses), out_tree)
 
 
@@ -586,11 +590,15 @@ def _check_per_example(walker: _Walker) -> None:
 
 
 def _check_output(out_shape: Any, has_aux: bool) -> None:
+  if has_aux and not (isinstance(out_shape, (tuple, list)) and len(out_shape) == 2):
+    raise ValueError(f"has_aux=True: the loss function must return a pair (loss, aux), "
+                     f"got {out_shape}. Return (loss, aux), or leave has_aux=False if it "
+                     "returns the loss alone.")
   value = out_shape[0] if has_aux else out_shape
-  if has_aux and not (isinstance(out_shape, tuple) and len(out_shape) == 2):
-    raise ValueError("has_aux=True: the loss function must return (loss, aux).")
   if not hasattr(value, "shape") or value.shape != ():
-    hint = "" if has_aux else " If it returns (loss, aux), pass has_aux=True."
+    hint = (" Return the batch mean (the jkfac losses do)." if has_aux else
+            " Return the batch mean (the jkfac losses do); if it returns (loss, aux), "
+            "pass has_aux=True.")
     raise ValueError(f"The loss function must return a scalar loss, got {value}.{hint}")
 
 

@@ -39,12 +39,23 @@ class ScaleByKFACState(NamedTuple):
     damping: the damping λ in use at the last refresh.
     skipped: updates whose statistics were not finite and were left out of
       the moving averages (int32).
+    nonfinite_grads: updates whose gradient was not finite (int32); the
+      preconditioned update is then not finite either (`kfac` replaces it by
+      a zero step; `optax.apply_if_finite` skips it).
+    failed_refreshes: inverse refreshes whose result was not finite (a
+      factorisation that failed or overflowed) and that kept the previous
+      inverses instead (int32).
+    last_refresh: the update count at the last successful refresh (int32;
+      the inverses in use were computed from the factors of that update).
   """
   count: Array
   factors: dict[str, dict[str, Array]]
   inverses: dict[str, dict[str, Array]]
   damping: Array
   skipped: Array
+  nonfinite_grads: Array
+  failed_refreshes: Array
+  last_refresh: Array
 
 
 def _python_number(value: Any) -> Optional[float]:
@@ -54,17 +65,47 @@ def _python_number(value: Any) -> Optional[float]:
   return float(value)
 
 
+def _initial_value(value: Any) -> Optional[float]:
+  """A number, or a schedule's value at update 0, as a float (None if traced)."""
+  if callable(value):
+    value = value(jnp.zeros([], jnp.int32))
+  return _python_number(value)
+
+
+def _check_estimator(est: Any, where: str) -> None:
+  if not isinstance(est, Estimator):
+    raise TypeError(f"{where}: est must be the estimator made by jkfac.estimator, got "
+                    f"{type(est).__name__}. Build it first: est = jkfac.estimator(loss_fn, "
+                    f"params, *batch), then jkfac.{where}(est, ...).")
+
+
+def _check_state(state: Any, expected: type, where: str) -> None:
+  if not isinstance(state, expected):
+    raise TypeError(f"{where}: the state is a {type(state).__name__}, not this transform's "
+                    f"{expected.__name__}. Pass the state this optimizer made: "
+                    "opt_state = tx.init(params), then opt_state from its previous update.")
+
+
 def _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method) -> None:
   if inverse_method not in linalg.METHODS:
-    raise ValueError(f"inverse_method must be one of {linalg.METHODS}, got {inverse_method!r}.")
+    raise ValueError(f"inverse_method must be one of {linalg.METHODS}, got {inverse_method!r}: "
+                     "'cholesky' (the default, fastest) or 'eigh' (eigendecompositions).")
+  lam = _initial_value(damping)
+  if lam is not None and not lam > 0.0:
+    got = f"a schedule whose value at update 0 is {lam}" if callable(damping) else damping
+    raise ValueError(f"damping must be positive, got {got}. It is the λ of (F + λI); try "
+                     "1e-3 and adjust (jkfac.kfac can adapt it), and keep a schedule's "
+                     "values positive.")
   checks = [
-      (damping, lambda v: v > 0.0, "damping must be positive, got {}. It is the λ of "
-       "(F + λI); try 1e-3 and adjust."),
-      (decay, lambda v: 0.0 <= v < 1.0, "decay must be in [0, 1), got {}."),
+      (decay, lambda v: 0.0 <= v < 1.0, "decay must be in [0, 1), got {}. It is the "
+       "moving averages' ε: try 0.95 (the default); 0 uses each batch alone, 1 would "
+       "never update the factors."),
       (inverse_every, lambda v: v >= 1 and v == int(v),
-       "inverse_every must be a positive integer, got {}."),
+       "inverse_every must be a positive integer, got {}: the inverses are recomputed "
+       "every this many updates; try 20 (the default), or 1 for every update."),
       (inverse_warmup, lambda v: v >= 0 and v == int(v),
-       "inverse_warmup must be a non-negative integer, got {}."),
+       "inverse_warmup must be a non-negative integer, got {}: the number of first "
+       "updates that all recompute the inverses; try 3 (the default) or 0."),
   ]
   for value, ok, message in checks:
     number = _python_number(value)
@@ -126,6 +167,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
+  _check_estimator(est, "scale_by_kfac")
   _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method)
   if structure not in STRUCTURES:
     raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}.")
@@ -141,9 +183,9 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     factor_shapes = jax.eval_shape(est.zero_factors)
     damping0 = value_at(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
     inverse_shapes = jax.eval_shape(lambda f: _inverses(f, damping0), factor_shapes)
-    return ScaleByKFACState(jnp.zeros([], jnp.int32), _zeros(factor_shapes, traced),
-                            _zeros(inverse_shapes, traced), damping0,
-                            jnp.zeros([], jnp.int32))
+    zero = jnp.zeros([], jnp.int32)
+    return ScaleByKFACState(zero, _zeros(factor_shapes, traced),
+                            _zeros(inverse_shapes, traced), damping0, zero, zero, zero, zero)
 
   def _inverses(factors, lam, spread_over=None):
     items = [([layer], lambda layer=layer: [block_of[layer.name].inverse(
@@ -162,6 +204,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
   def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, damping_now: Optional[Array] = None,
                 refresh_now: Any = False, **unused_extra_args):
+    _check_state(state, ScaleByKFACState, "scale_by_kfac.update")
     _check_stats(stats, est, state.factors)
     flat_grads = est.check_params(updates, "scale_by_kfac.update(grads, ...)")
     batch = stats.factors
@@ -188,11 +231,14 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
                               check_vma=False)(factors, lam)
       else:
         fresh = _inverses(factors, lam)
-      return jax.lax.cond(linalg.all_finite(fresh), lambda: (fresh, lam),
-                          lambda: (state.inverses, state.damping))
+      ok = linalg.all_finite(fresh)
+      return jax.lax.cond(ok, lambda: (fresh, lam, count, state.failed_refreshes),
+                          lambda: (state.inverses, state.damping, state.last_refresh,
+                                   state.failed_refreshes + 1))
 
-    inverses, used_damping = jax.lax.cond(
-        refresh, recompute, lambda _: (state.inverses, state.damping), None)
+    inverses, used_damping, last_refresh, failed_refreshes = jax.lax.cond(
+        refresh, recompute, lambda _: (state.inverses, state.damping, state.last_refresh,
+                                       state.failed_refreshes), None)
     new_flat = list(flat_grads)
     for layer in layers:
       grads = [flat_grads[p.index] for p in layer.params]
@@ -207,8 +253,10 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
         for p, g in zip(layer.params, layer_grads):
           new_flat[p.index] = g
     new_updates = jax.tree_util.tree_unflatten(est.params_tree, new_flat)
-    new_state = ScaleByKFACState(count, factors, inverses, used_damping,
-                                 state.skipped + (~finite).astype(jnp.int32))
+    new_state = ScaleByKFACState(
+        count, factors, inverses, used_damping, state.skipped + (~finite).astype(jnp.int32),
+        state.nonfinite_grads + (~linalg.all_finite(flat_grads)).astype(jnp.int32),
+        failed_refreshes, last_refresh)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -228,7 +276,8 @@ def _check_stats(stats: Any, est: Estimator, factors: Any) -> None:
         "by `loss, grads, stats = est(params, batch, rng=key)`.")
   if not isinstance(stats, Statistics):
     raise TypeError(f"stats must be the Statistics returned by the estimator, got "
-                    f"{type(stats).__name__}.")
+                    f"{type(stats).__name__}: pass the third value of `loss, grads, stats = "
+                    "est(params, batch, rng=key)` as tx.update(..., stats=stats).")
   if stats.estimator_id != est.id:
     raise ValueError(
         f"stats come from another estimator (id {stats.estimator_id}) than the one "
@@ -269,7 +318,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
          inverse_every: int = 20, inverse_warmup: int = 3,
          inverse_method: str = "cholesky", structure: str = "block_diagonal",
          axis_name: Optional[str] = None, spread_inverses: bool = True,
-         mesh: Optional[jax.sharding.Mesh] = None) -> optax.GradientTransformationExtraArgs:
+         mesh: Optional[jax.sharding.Mesh] = None,
+         skip_non_finite: bool = True) -> optax.GradientTransformationExtraArgs:
   """K-FAC: the preconditioner, then momentum and the learning rate.
 
   With both `learning_rate` and `momentum` given, this is
@@ -318,28 +368,57 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       devices (see `scale_by_kfac`).
     mesh: under sharded `jit`, the mesh whose devices share the inverse work
       (see `scale_by_kfac`).
+    skip_non_finite: with a fixed learning rate and momentum, a step whose
+      gradient or update is not finite is replaced by a zero step and the
+      momentum is kept as it was (the state keeps the chain's structure; the
+      preconditioner counts such steps in `nonfinite_grads`). False: such a
+      step is passed on, as optax optimizers do (`optax.apply_if_finite`
+      can then skip it). The quadratic-model optimizer always takes a zero
+      step on a non-finite direction or gradient.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
+  _check_estimator(est, "kfac")
   number = _python_number(momentum) if momentum is not None else None
-  if number is not None and number < 0:
-    raise ValueError(f"momentum must be non-negative, got {momentum}.")
+  if number is not None and not 0 <= number < 1:
+    raise ValueError(f"momentum must be in [0, 1), got {momentum}: the decay of the "
+                     "previous update; try 0.9, 0 for none, or None to choose it by the "
+                     "quadratic model.")
+  rate = _initial_value(learning_rate) if learning_rate is not None else None
+  if rate is not None and not rate >= 0:
+    raise ValueError(f"learning_rate must be non-negative, got {learning_rate}: kfac "
+                     "negates it itself, like optax's aliases; pass a positive step size "
+                     "(e.g. 0.1), or None to choose it by the quadratic model.")
+  lam = _initial_value(damping)
+  if lam is not None and not lam >= 0:
+    raise ValueError(f"damping must be positive, got {damping}: it is the λ of "
+                     "(F + λI), l2_reg is added to it; try 1e-3 (or 1.0, the default, "
+                     "when it is adapted).")
+  if nesterov and (learning_rate is None or momentum is None):
+    raise ValueError("nesterov=True needs a fixed learning_rate and momentum (the "
+                     "quadratic model chooses its own step): pass both, or leave "
+                     "nesterov=False.")
   l2_number = _python_number(l2_reg)
-  if l2_number is not None and l2_number < 0:
-    raise ValueError(f"l2_reg must be non-negative, got {l2_reg}.")
+  if l2_number is not None and not l2_number >= 0:
+    raise ValueError(f"l2_reg must be non-negative, got {l2_reg}: the η of an η/2 |θ|² "
+                     "term already in the loss (0 if there is none; the paper uses 1e-5).")
   interval = _python_number(damping_interval)
   if interval is not None and (interval < 1 or interval != int(interval)):
-    raise ValueError(f"damping_interval must be a positive integer, got {damping_interval}.")
+    raise ValueError(f"damping_interval must be a positive integer, got {damping_interval}: "
+                     "the updates between two adaptations of λ; try 5 (the default).")
   if gamma_interval is not None and (
       gamma_interval < 1 or gamma_interval != int(gamma_interval)):
-    raise ValueError(f"gamma_interval must be a positive integer or None, got {gamma_interval}.")
+    raise ValueError(f"gamma_interval must be a positive integer or None, got "
+                     f"{gamma_interval}: try 20 (the paper's T2), or None to keep "
+                     "γ = sqrt(λ + η).")
   if gamma_interval is not None and learning_rate is not None and momentum is not None:
     raise ValueError("gamma_interval re-chooses γ by the quadratic model: leave "
                      "learning_rate or momentum as None to use it.")
   min_number = _python_number(min_damping)
   if min_number is not None and not min_number > 0:
-    raise ValueError(f"min_damping must be positive, got {min_damping}.")
+    raise ValueError(f"min_damping must be positive, got {min_damping}: the floor of the "
+                     "adapted λ; try 1e-8 (the default), or more with normalisation layers.")
   with_l2 = lambda lam: ((lambda count: value_at(lam, count) + l2_reg) if callable(lam)
                          else lam + l2_reg)
   preconditioner = scale_by_kfac(est, damping=with_l2(damping), decay=decay,
@@ -348,10 +427,11 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
                                  axis_name=axis_name, spread_inverses=spread_inverses,
                                  mesh=mesh)
   if learning_rate is not None and momentum is not None:
-    return optax.chain(
+    fixed = optax.chain(
         preconditioner,
         optax.trace(decay=momentum, nesterov=nesterov) if number != 0 else optax.identity(),
         optax.scale_by_learning_rate(learning_rate))
+    return _zero_step_if_not_finite(fixed) if skip_non_finite else fixed
   adapting = adapt_damping and not callable(damping)
   model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum, axis_name)
   omega = (19.0 / 20.0) ** damping_interval
@@ -364,6 +444,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
 
   def update_fn(grads: Any, state: KFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, **extra_args):
+    _check_state(state, KFACState, "kfac.update")
     if adapting and params is None:
       raise ValueError("kfac adapts its damping from the loss at the new parameters: "
                        "call tx.update(grads, opt_state, params, stats=stats) with params.")
@@ -400,7 +481,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     def measure(_):  # on the examples the quadratic model was built on
       loss_at = stats.extras["loss_at"]
       old_loss = stats.extras["loss"] if est.curvature_fraction == 1.0 else loss_at(params)
-      change = (loss_at(optax.apply_updates(params, step)) - old_loss).astype(est.factor_dtype)
+      new_loss = loss_at(optax.apply_updates(params, step))  # subtracted in the factor dtype
+      change = new_loss.astype(est.factor_dtype) - old_loss.astype(est.factor_dtype)
       if axis_name is not None:
         change = jax.lax.pmean(change, axis_name)
       return change / second.predicted_change
@@ -416,3 +498,25 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
 
 
 _MAX_DAMPING = 1e8
+
+
+def _zero_step_if_not_finite(chain: optax.GradientTransformationExtraArgs
+                             ) -> optax.GradientTransformationExtraArgs:
+  """`chain` (preconditioner first), with a zero step where it is not finite.
+
+  The state keeps `chain`'s structure. On a step whose gradient or update is
+  not finite the update is zero and the states after the preconditioner
+  (momentum, schedule count) stay as they were; the preconditioner's own
+  state moves on (it has left non-finite statistics out and counted the
+  gradient in `nonfinite_grads`).
+  """
+
+  def update_fn(grads, state, params=None, **extra_args):
+    updates, new_state = chain.update(grads, state, params, **extra_args)
+    finite = linalg.all_finite((grads, updates))
+    updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    rest = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                  tuple(new_state[1:]), tuple(state[1:]))
+    return updates, (new_state[0],) + rest
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)

@@ -118,7 +118,11 @@ def spec_from_args(x_shape: Sequence[int], w_shape: Sequence[int],
                               "dimension_numbers", "feature_group_count", "precision",
                               "preferred_element_type"}
   if unknown:
-    raise ValueError(f"register_conv: unknown convolution arguments {sorted(unknown)}.")
+    raise ValueError(
+        f"register_conv: unsupported convolution arguments {sorted(unknown)}. The KFC "
+        "block takes window_strides, padding, lhs_dilation, rhs_dilation, "
+        "dimension_numbers, feature_group_count, precision and preferred_element_type; "
+        "leave other convolutions untagged (their kernels get the diagonal fallback).")
   spatial = len(x_shape) - 2
   numbers = lax.conv_dimension_numbers(tuple(x_shape), tuple(w_shape),
                                        conv_args.get("dimension_numbers"))
