@@ -3,11 +3,14 @@
 Each notebook is executed with nbclient in a fresh IPython kernel running this
 very interpreter (a kernel spec written to a temporary folder and put first on
 JUPYTER_PATH, so that no "python3" kernel spec of another environment is
-picked up). The notebooks train on MNIST: the test is skipped only if the
-MNIST files cannot be found locally (nothing is downloaded here); the folder
-found is passed to the kernel through JKFAC_DATA_DIR. The kernel inherits the
-environment (XLA_FLAGS included) but not this process's JAX configuration, so
-the notebooks run in float32 as they would for a user.
+picked up). Most notebooks train on MNIST, `convnet.ipynb` on CIFAR-10 and
+`custom_tags.ipynb` on data it makes up (`DATASETS`): a notebook's test is
+skipped only if its dataset's files cannot be found locally (nothing is
+downloaded here); the folder found is passed to the kernel through
+JKFAC_DATA_DIR. The kernel inherits the environment (XLA_FLAGS included: the
+multi-device notebook uses conftest.py's eight CPU devices) but not this
+process's JAX configuration, so the notebooks run in float32 as they would for
+a user.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO_ROOT / "examples"
 NOTEBOOKS = sorted(EXAMPLES_DIR.glob("*.ipynb"))
 TIMEOUT_S = 600  # per cell
+# The dataset each notebook reads ("mnist" when not listed; None: no files).
+DATASETS = {"convnet.ipynb": "cifar-10", "custom_tags.ipynb": None}
 
 
-def _mnist_dir() -> pathlib.Path | None:
-  """The folder holding the MNIST files (as the loader finds it), or None."""
+def _data_dir(dataset: str) -> pathlib.Path | None:
+  """The folder holding a dataset's files (as the loader finds it), or None."""
   name = "jkfac_benchmarks_datasets"
   module = sys.modules.get(name)
   if module is None:
@@ -38,7 +43,7 @@ def _mnist_dir() -> pathlib.Path | None:
     sys.modules[name] = module
     spec.loader.exec_module(module)
   try:
-    return module.find_data_dir("mnist", download=False)
+    return module.find_data_dir(dataset, download=False)
   except FileNotFoundError:
     return None
 
@@ -69,11 +74,13 @@ def test_examples_exist():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, kernel_env, monkeypatch):
-  data_dir = _mnist_dir()
-  if data_dir is None:
-    pytest.skip("MNIST files not found (looked in $JKFAC_DATA_DIR, <repo>/../shared/data "
-                "and the jkfac cache); the example notebooks train on MNIST.")
-  monkeypatch.setenv("JKFAC_DATA_DIR", str(data_dir))
+  dataset = DATASETS.get(path.name, "mnist")
+  if dataset is not None:
+    data_dir = _data_dir(dataset)
+    if data_dir is None:
+      pytest.skip(f"{dataset} files not found (looked in $JKFAC_DATA_DIR, "
+                  f"<repo>/../shared/data and the jkfac cache); {path.name} trains on them.")
+    monkeypatch.setenv("JKFAC_DATA_DIR", str(data_dir))
 
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(

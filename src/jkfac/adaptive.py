@@ -158,5 +158,13 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
 
 
 def value_at(schedule: Any, count: Array) -> Array:
-  """A hyperparameter's value at an update count (an optax schedule or a number)."""
+  """A hyperparameter's value at an update count (an optax schedule or a number).
+
+  Args:
+    schedule: an optax schedule (a callable of the count) or a number.
+    count: the update count, an integer scalar.
+
+  Returns:
+    `schedule(count)`, or the number as an array.
+  """
   return schedule(count) if callable(schedule) else jnp.asarray(schedule)

@@ -23,7 +23,17 @@ Array = jax.Array
 
 
 def axis_size(axis_name: Any) -> int:
-  """The number of devices along a mapped axis (a static int)."""
+  """The number of devices along a mapped axis (a static int).
+
+  Must be called inside a function mapped over `axis_name`.
+
+  Args:
+    axis_name: the mapped axis (a name, or a tuple of names).
+
+  Returns:
+    Its size, a Python int (`psum` of the constant 1, which JAX evaluates
+    statically).
+  """
   return jax.lax.psum(1, axis_name)
 
 
@@ -50,7 +60,15 @@ def balanced_shares(costs: Sequence[float], devices: int) -> list[list[int]]:
 
 
 def cubic_cost(tree: Any) -> float:
-  """The cost of factorising every square matrix in `tree` (sum of n³)."""
+  """The cost of factorising every square matrix in `tree` (sum of n³).
+
+  Args:
+    tree: a pytree of arrays; only their shapes are read.
+
+  Returns:
+    The sum over leaves whose two last axes are square, `(..., n, n)`, of
+    `n³` times the number of such matrices in the leaf; other leaves cost 0.
+  """
   return float(sum(math.prod(x.shape[:-2]) * x.shape[-1] ** 3
                    for x in jax.tree_util.tree_leaves(tree)
                    if x.ndim >= 2 and x.shape[-1] == x.shape[-2]))

@@ -187,7 +187,13 @@ class Estimator:
     return factors
 
   def zero_factors(self) -> dict[str, dict[str, Array]]:
-    """The statistics of zero captures: their structure, shapes and dtypes."""
+    """The statistics of zero captures: their structure, shapes and dtypes.
+
+    Returns:
+      Layer name -> its factors, structured as a batch's
+      `Statistics.factors`, computed from all-zero captures; the transform
+      reads only their shapes and dtypes (`jax.eval_shape`).
+    """
     dtype = self.factor_dtype
     inputs = {u.id: jnp.zeros(u.x_shape, dtype) for uses in self.uses for u in uses}
     output_grads = {u.id: jnp.zeros((1,) + u.out_shape, dtype)
@@ -451,7 +457,13 @@ class Estimator:
     return [a[:m] if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n else a for a in flat_args]
 
   def table(self) -> str:
-    """The layer table: what every parameter is, and its factor shapes."""
+    """The layer table: what every parameter is, and its factor shapes.
+
+    Returns:
+      Printable text: one row per layer (index, name, block kind, parameters,
+      factors, how it was found), then the losses, the parameters left to
+      the diagonal fallback block, and the block-tridiagonal chains if any.
+    """
     rows = [("#", "layer", "kind", "parameters", "factors", "how")]
     for i, layer in enumerate(self.layers):
       params = ", ".join(f"{p.role or 'param'} {p.shape}" for p in layer.params)

@@ -50,12 +50,23 @@ class Plan:
 
   @property
   def active(self) -> bool:
+    """Whether the plan perturbs, captures or has a loss (nested plans included).
+
+    An inactive plan's jaxpr is evaluated as it is, not inline.
+    """
     return bool(self.perturb or self.capture or self.losses or self.nested)
 
 
 @dataclasses.dataclass
 class Result:
-  """What `run` returns: outputs, captured layer inputs, loss predictions."""
+  """What `run` returns: outputs, captured layer inputs, loss predictions.
+
+  Attributes:
+    outputs: the jaxpr's output values, one per output variable.
+    inputs: use id -> the captured layer input of that use (None for a
+      shift alone, which has none).
+    predictions: loss id -> the loss's (prediction, target).
+  """
   outputs: list[Array]
   inputs: dict[int, Array]
   predictions: dict[int, tuple[Array, Array]]
@@ -145,7 +156,11 @@ def _bind_params(eqn) -> tuple[list[Any], dict[str, Any]]:
 
 
 def used_ids(plan: Plan) -> set[int]:
-  """Returns every use id perturbed in `plan` or its nested plans."""
+  """Returns every use id perturbed in `plan` or its nested plans.
+
+  Args:
+    plan: the plan.
+  """
   ids = set(plan.perturb.values())
   for _, inner in plan.nested.values():
     ids |= used_ids(inner)

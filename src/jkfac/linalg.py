@@ -71,7 +71,16 @@ def damped_inverse(matrix: Array, shift: Array, method: str = "cholesky") -> Arr
 
 
 def floored_shift(matrix: Array, shift: Array) -> Array:
-  """`shift`, at least `8 eps tr(matrix)` (see `damped_inverse`)."""
+  """`shift`, at least `8 eps tr(matrix)` (see `damped_inverse`).
+
+  Args:
+    matrix: symmetric positive semi-definite, shape `(n, n)`.
+    shift: a positive scalar.
+
+  Returns:
+    `max(shift, 8 eps tr(matrix))`, `eps` the machine epsilon of `matrix`'s
+    dtype.
+  """
   return jnp.maximum(shift, 8 * jnp.finfo(matrix.dtype).eps * jnp.trace(matrix))
 
 
@@ -92,7 +101,18 @@ def pi_factor(a: Array, g: Array) -> Array:
 
 
 def pi_from_traces(trace_a: Array, dim_a: int, trace_g: Array, dim_g: int) -> Array:
-  """`pi_factor` from the factors' traces and dimensions (diagonal factors)."""
+  """`pi_factor` from the factors' traces and dimensions (diagonal factors).
+
+  Args:
+    trace_a: the trace of the input-side factor `A`.
+    dim_a: `A`'s dimension.
+    trace_g: the trace of the output-side factor `G`.
+    dim_g: `G`'s dimension.
+
+  Returns:
+    `π = sqrt((trace_a/dim_a) / (trace_g/dim_g))`, or 1 when that ratio is
+    not positive and finite.
+  """
   ratio = (trace_a / dim_a) / (trace_g / dim_g)
   ok = jnp.isfinite(ratio) & (ratio > 0)
   return jnp.where(ok, jnp.sqrt(jnp.where(ok, ratio, 1.0)), 1.0)

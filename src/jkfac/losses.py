@@ -57,7 +57,12 @@ class Distribution:
   fisher_product: Callable[[Array, Array], Array]
 
   def num_examples(self, prediction_shape: tuple[int, ...]) -> int:
-    """Returns how many terms the loss averages over."""
+    """Returns how many terms the loss averages over.
+
+    Args:
+      prediction_shape: the shape of the prediction; its leading
+        `example_axes` axes index the terms.
+    """
     axes = len(prediction_shape) - 1 if self.example_axes is None else self.example_axes
     return math.prod(prediction_shape[:axes])
 

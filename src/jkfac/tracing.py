@@ -39,7 +39,17 @@ _CHECKPOINTS = frozenset({"remat2", "checkpoint", "remat"})
 
 @dataclasses.dataclass(frozen=True)
 class Param:
-  """A parameter leaf: its index among the flattened leaves, path and shape."""
+  """A parameter leaf: its index among the flattened leaves, path and shape.
+
+  Attributes:
+    index: its position in `jax.tree_util.tree_leaves(params)`.
+    path: its path in the parameter tree, keys joined by `/` (`"dense/kernel"`;
+      `"params"` for a bare array).
+    shape: its shape.
+    dtype: its dtype.
+    role: its name in its layer's block (`"kernel"`, `"bias"`, `"param"`,
+      ...: one of the block's `roles`); empty until it is given a layer.
+  """
   index: int
   path: str
   shape: tuple[int, ...]
@@ -66,6 +76,12 @@ class Layer:
   note: str = ""
 
   def option(self, key: str, default: Any = None) -> Any:
+    """Returns the value of option `key`, or `default` when the layer has none.
+
+    Args:
+      key: the option's name (`"bias"`, `"in_axes"`, ...).
+      default: the value when the layer does not have the option.
+    """
     return dict(self.options).get(key, default)
 
 
@@ -91,7 +107,15 @@ class Use:
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-  """A registered loss: its distribution, weight and prediction shape."""
+  """A registered loss: its distribution, weight and prediction shape.
+
+  Attributes:
+    id: the loss's id: its key in `interpret.Result.predictions`.
+    distribution: the name of its predictive distribution (a key of
+      `losses.DISTRIBUTIONS`: `"categorical"`, ...).
+    weight: its coefficient in the total loss, as registered.
+    prediction_shape: the shape of the prediction it is computed from.
+  """
   id: int
   distribution: str
   weight: float
@@ -99,6 +123,7 @@ class Loss:
 
   @property
   def num_examples(self) -> int:
+    """How many terms the loss averages over (`losses.Distribution.num_examples`)."""
     return losses.DISTRIBUTIONS[self.distribution].num_examples(self.prediction_shape)
 
 
@@ -255,8 +280,9 @@ class _Walker:
           isinstance(view, _LeafView) and view.perm != tuple(range(len(view.perm)))):
         raise ValueError(
             f"register_{kind}: parameter operand {position - 2} is not a parameter "
-            "leaf of the loss function (possibly cast to another dtype). Pass the "
-            "parameter itself, as it appears in `params`, to the tag.")
+            "leaf of the loss function (computed from one, transposed, or not a "
+            "parameter at all). Pass the parameter itself, as it appears in `params` "
+            "(a cast to another dtype is fine), to the tag.")
       leaves.append(view.leaf)
     y, x = eqn.invars[0], eqn.invars[1]
     use = Use(self._new_id(), x_axes=(x.aval.ndim - 1,), out_axes=(y.aval.ndim - 1,),

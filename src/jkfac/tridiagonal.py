@@ -37,7 +37,16 @@ Array = jax.Array
 
 
 def eligible(layer: Any, uses: Sequence[Any]) -> bool:
-  """A dense layer applied once to `(batch, features)` can join a chain."""
+  """Whether a layer can join a chain: a dense layer applied once to `(batch, features)`.
+
+  Args:
+    layer: the layer (`tracing.Layer`).
+    uses: its uses (`tracing.Use`).
+
+  Returns:
+    True for a dense layer with one use whose input and output are 2-D and
+    whose input's feature axis is the last.
+  """
   if layer.kind != "dense" or len(uses) != 1:
     return False
   use = uses[0]
@@ -198,7 +207,16 @@ def precondition_layers(layers: Sequence[Any], inverse: Sequence[dict[str, Array
 
 
 def describe(layers: Sequence[Any], chains: Sequence[Sequence[int]]) -> str:
-  """The chains and the layers outside them, for the layer table."""
+  """The chains and the layers outside them, for the layer table.
+
+  Args:
+    layers: the layer table.
+    chains: the chains, as indices into `layers` (`find_chains`).
+
+  Returns:
+    One indented line per chain (its layers' names, in order), and one
+    listing the layers in no chain if there are any.
+  """
   lines = ["  block-tridiagonal chain: " + " -> ".join(layers[i].name for i in c) for c in chains]
   in_chain = {i for c in chains for i in c}
   others = [l.name for i, l in enumerate(layers) if i not in in_chain]

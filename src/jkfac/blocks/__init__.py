@@ -1,7 +1,8 @@
 # Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
 """Curvature blocks, one file each, registered here by kind.
 
-A block is an object with:
+A block is an instance of a subclass of the protocol `jkfac.blocks.base.Block`,
+which documents its methods in full, with:
 
 - `roles`: the names of the parameters it owns, in order (`("kernel", "bias")`);
   the first is required, the others optional.
@@ -33,5 +34,9 @@ REGISTRY: dict[str, Block] = {
 
 
 def get(kind: str) -> Block:
-  """Returns the block registered for `kind`."""
+  """Returns the block registered for `kind`.
+
+  Args:
+    kind: a key of `REGISTRY` (`"dense"`, `"conv"`, ...), as in `Layer.kind`.
+  """
   return REGISTRY[kind]

@@ -53,21 +53,88 @@ def with_bias_moments(second_moment: Array, mean: Array) -> Array:
 
 
 class Block(Protocol):
+  """A curvature block: the Fisher approximation of one layer's parameters.
+
+  Blocks are stateless, one instance per kind (`jkfac.blocks.REGISTRY`); the
+  block classes of `jkfac.blocks` subclass this protocol. For every batch the
+  estimator computes a layer's factors with `statistics`; the transform
+  averages them over batches, inverts the damped averages with `inverse`
+  every `inverse_every` updates, and preconditions the layer's gradients with
+  `precondition`. A block that needs per-example gradients also has
+  `gradient_moment(grads, dtype)`, the moment of one example's gradients (per
+  parameter, shape `(K, *shape)` for K curvature passes), which the estimator
+  sums over examples into `Captures.gradient_moment`.
+
+  Attributes:
+    roles: the names of the parameters it owns, in order (`("kernel", "bias")`);
+      the first is required, the others optional.
+    needs: what the estimator captures for it: `"activations"` (layer inputs
+      and output derivatives), `"per_example_gradients"` or `"nothing"`.
+  """
   roles: tuple[str, ...]
   needs: str
 
   def statistics(self, layer: Any, captures: Captures) -> dict[str, Array]:
+    """This batch's factors of a layer.
+
+    Args:
+      layer: the layer (`tracing.Layer`): its parameters and options.
+      captures: what the estimator captured for it, as the block `needs`:
+        inputs and output derivatives per use, or the summed per-example
+        gradient moment.
+
+    Returns:
+      The factors, name -> array in `captures.dtype` (`{"A": ..., "G": ...}`
+      for a Kronecker block), with the same structure, shapes and dtypes for
+      every batch: the transform averages them over batches.
+    """
     ...
 
   def inverse(self, layer: Any, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
+    """What `precondition` needs: the inverse of the damped block, or its parts.
+
+    Args:
+      layer: the layer (`tracing.Layer`).
+      factors: the factors averaged over batches, structured as `statistics`
+        returns them.
+      damping: λ, a positive scalar in the factor dtype: the block
+        approximates the inverse of `F + λ I`.
+      method: how to invert a damped symmetric factor, `"cholesky"` or
+        `"eigh"` (`linalg.damped_inverse`); unused by blocks with no matrix
+        to factorise.
+
+    Returns:
+      The inverses, name -> array (`{"A_inv": ..., "G_inv": ..., "pi": ...}`
+      for a Kronecker block). The transform keeps its previous inverses when
+      these are not finite.
+    """
     ...
 
   def precondition(self, layer: Any, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
+    """The preconditioned gradients of a layer's parameters.
+
+    Args:
+      layer: the layer (`tracing.Layer`).
+      inverse: what `inverse` returned.
+      grads: the gradients of the layer's parameters, in `layer.params` order.
+
+    Returns:
+      The inverse of the damped block applied to `grads`, one array per
+      parameter, in the same order, shaped and typed as `grads`.
+    """
     ...
 
   def describe(self, layer: Any) -> str:
+    """The block's factors and their shapes, for the layer table (`Estimator.table`).
+
+    Args:
+      layer: the layer (`tracing.Layer`).
+
+    Returns:
+      A short description, such as `"A 785x785, G 10x10"`.
+    """
     ...
 
 
@@ -85,7 +152,15 @@ def flatten(grads: Sequence[Array], dtype: Any) -> Array:
 
 
 def unflatten(flat: Array, like: Sequence[Array]) -> tuple[Array, ...]:
-  """Splits `flat` into arrays shaped and typed as `like` (inverse of `flatten`)."""
+  """Splits `flat` into arrays shaped and typed as `like` (inverse of `flatten`).
+
+  Args:
+    flat: a vector, as long as the sizes of `like` together.
+    like: the arrays whose shapes and dtypes to give the pieces, in order.
+
+  Returns:
+    One array per entry of `like`, cast to its dtype.
+  """
   out, start = [], 0
   for g in like:
     out.append(flat[start:start + g.size].reshape(g.shape).astype(g.dtype))

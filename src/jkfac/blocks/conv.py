@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jkfac import linalg
-from jkfac.blocks.base import Captures, with_bias_moments
+from jkfac.blocks.base import Block, Captures, with_bias_moments
 
 Array = jax.Array
 
@@ -67,6 +67,7 @@ class ConvSpec:
 
   @property
   def kernel_spatial(self) -> tuple[int, ...]:
+    """The kernel leaf's spatial axes, in the convolution's order (`rhs_spec[2:]`)."""
     return self.rhs_spec[2:]
 
 
@@ -192,7 +193,7 @@ def _kernel_from_matrix(matrix: Array, spec: ConvSpec, shape: Sequence[int]) -> 
   return jnp.transpose(kernel, [order.index(a) for a in range(len(shape))])
 
 
-class ConvBlock:
+class ConvBlock(Block):
   """Kronecker-factored block of a convolution, one per feature group."""
 
   roles = ("kernel", "bias")
@@ -227,14 +228,35 @@ class ConvBlock:
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
-    """Returns each group's damped factor inverses (factored Tikhonov with π)."""
+    """Returns each group's damped factor inverses (factored Tikhonov with π).
+
+    Args:
+      layer: the layer (`tracing.Layer`).
+      factors: the per-group `A` and `G`, averaged over batches.
+      damping: λ.
+      method: how to invert each damped factor (`linalg.damped_inverse`).
+
+    Returns:
+      `{"A_inv", "G_inv", "pi"}` as for a dense layer
+      (`linalg.kronecker_inverses`), each with a leading group axis.
+    """
     a_inv, g_inv, pi = jax.vmap(
         lambda a, g: linalg.kronecker_inverses(a, g, damping, method))(factors["A"], factors["G"])
     return {"A_inv": a_inv, "G_inv": g_inv, "pi": pi}
 
   def precondition(self, layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
-    """Returns `A_j^{-1} [W_j; b_j] G_j^{-1}` per group, as kernel and bias."""
+    """Returns `A_j^{-1} [∇W_j; ∇b_j] G_j^{-1}` per group j, as kernel and bias.
+
+    Args:
+      layer: the layer (`tracing.Layer`), with its `ConvSpec` in option "conv".
+      inverse: the per-group damped inverses `A_inv` and `G_inv` (`inverse`).
+      grads: the kernel's gradient, and the bias's when the layer has one.
+
+    Returns:
+      The preconditioned kernel gradient, and bias gradient if any, shaped
+      and typed as `grads`.
+    """
     spec: ConvSpec = layer.option("conv")
     dtype = inverse["A_inv"].dtype
     v = _kernel_matrix(grads[0].astype(dtype), spec)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jkfac import linalg
-from jkfac.blocks.base import Captures, with_bias_moments
+from jkfac.blocks.base import Block, Captures, with_bias_moments
 
 Array = jax.Array
 
@@ -50,7 +50,17 @@ def _kernel_order(layer) -> tuple[int, ...]:
 
 
 def kernel_matrix(layer, kernel: Array) -> Array:
-  """The kernel as the matrix `W`, shape `(in, out)`."""
+  """The kernel as the matrix `W`, shape `(in, out)`.
+
+  Args:
+    layer: the dense layer (`tracing.Layer`), with options `in_axes` and
+      `out_axes`.
+    kernel: the kernel leaf, or an array of its shape (its gradient).
+
+  Returns:
+    `kernel` with its `in_axes` (in that order) flattened into the rows and
+    its `out_axes` into the columns.
+  """
   shape = kernel.shape
   matrix = jnp.transpose(kernel, _kernel_order(layer))
   return matrix.reshape(math.prod(shape[a] for a in layer.option("in_axes")), -1)
@@ -63,7 +73,18 @@ def _kernel_from_matrix(layer, matrix: Array, shape: Sequence[int]) -> Array:
 
 
 def gradient_matrix(layer, grads: Sequence[Array], dtype: Any) -> Array:
-  """The gradients as `[∇W; ∇b]`, shape `(in[+1], out)`, in `dtype`."""
+  """The gradients as `[∇W; ∇b]`, shape `(in[+1], out)`, in `dtype`.
+
+  Args:
+    layer: the dense layer (`tracing.Layer`).
+    grads: the kernel's gradient, and the bias's when the layer has one
+      (option `bias`).
+    dtype: the matrix's dtype.
+
+  Returns:
+    `∇W` as `kernel_matrix` lays it out, with `∇b` as an extra last row when
+    the layer has a bias.
+  """
   v = kernel_matrix(layer, grads[0].astype(dtype))
   if layer.option("bias"):
     v = jnp.concatenate([v, grads[1].astype(dtype).reshape(1, -1)], axis=0)
@@ -71,7 +92,17 @@ def gradient_matrix(layer, grads: Sequence[Array], dtype: Any) -> Array:
 
 
 def split_matrix(layer, u: Array, grads: Sequence[Array]) -> tuple[Array, ...]:
-  """Splits `[U_W; u_b]` back into the kernel and bias, shaped and typed as `grads`."""
+  """Splits `[U_W; u_b]` back into the kernel and bias, shaped and typed as `grads`.
+
+  Args:
+    layer: the dense layer (`tracing.Layer`).
+    u: a matrix laid out as `gradient_matrix` returns it, `(in[+1], out)`.
+    grads: the kernel's gradient, and the bias's when the layer has one:
+      the shapes and dtypes to give the pieces.
+
+  Returns:
+    `(kernel,)` or `(kernel, bias)`: the inverse of `gradient_matrix`.
+  """
   rows = u.shape[0] - (1 if layer.option("bias") else 0)
   out = (_kernel_from_matrix(layer, u[:rows], grads[0].shape).astype(grads[0].dtype),)
   if layer.option("bias"):
@@ -79,7 +110,7 @@ def split_matrix(layer, u: Array, grads: Sequence[Array]) -> tuple[Array, ...]:
   return out
 
 
-class DenseBlock:
+class DenseBlock(Block):
   """Kronecker-factored block of a dense layer."""
 
   roles = ("kernel", "bias")
@@ -117,13 +148,34 @@ class DenseBlock:
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
-    """Returns the damped factor inverses (factored Tikhonov with π)."""
+    """Returns the damped factor inverses (factored Tikhonov with π).
+
+    Args:
+      layer: the layer (`tracing.Layer`).
+      factors: `A` and `G`, averaged over batches.
+      damping: λ.
+      method: how to invert each damped factor (`linalg.damped_inverse`).
+
+    Returns:
+      `{"A_inv": (A + π√λ I)^{-1}, "G_inv": (G + √λ/π I)^{-1}, "pi": π}`
+      (`linalg.kronecker_inverses`).
+    """
     a_inv, g_inv, pi = linalg.kronecker_inverses(factors["A"], factors["G"], damping, method)
     return {"A_inv": a_inv, "G_inv": g_inv, "pi": pi}
 
   def precondition(self, layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
-    """Returns `A^{-1} [W; b] G^{-1}`, split back into kernel and bias."""
+    """Returns `A^{-1} [∇W; ∇b] G^{-1}`, split back into kernel and bias.
+
+    Args:
+      layer: the layer (`tracing.Layer`).
+      inverse: the damped inverses `A_inv` and `G_inv` (`inverse`).
+      grads: the kernel's gradient, and the bias's when the layer has one.
+
+    Returns:
+      The preconditioned kernel gradient, and bias gradient if any, shaped
+      and typed as `grads`.
+    """
     v = gradient_matrix(layer, grads, inverse["A_inv"].dtype)
     return split_matrix(layer, inverse["A_inv"] @ v @ inverse["G_inv"], grads)
 

@@ -19,12 +19,12 @@ from typing import Sequence
 
 import jax
 
-from jkfac.blocks.base import Captures
+from jkfac.blocks.base import Block, Captures
 
 Array = jax.Array
 
 
-class DiagonalBlock:
+class DiagonalBlock(Block):
   """Diagonal Fisher block of one parameter."""
 
   roles = ("param",)
@@ -43,17 +43,46 @@ class DiagonalBlock:
     return jax.numpy.sum(jax.numpy.square(grads[0].astype(dtype)), axis=0)
 
   def statistics(self, layer, captures: Captures) -> dict[str, Array]:
-    """Returns `{"diag": sum over examples of squared per-example gradients}`."""
+    """Returns `{"diag": sum over examples of squared per-example gradients}`.
+
+    Args:
+      layer: the layer (`tracing.Layer`); unused.
+      captures: its `gradient_moment`, the sum over examples of
+        `gradient_moment` (a mean, by the scaling of the gradients).
+
+    Returns:
+      `{"diag": ...}`, the parameter's shape, in `captures.dtype`.
+    """
     return {"diag": captures.gradient_moment.astype(captures.dtype)}
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
-    """Returns `1 / (diag + λ)`."""
+    """Returns `1 / (diag + λ)`.
+
+    Args:
+      layer: the layer (`tracing.Layer`); unused.
+      factors: `diag`, averaged over batches.
+      damping: λ.
+      method: unused (no matrix to factorise).
+
+    Returns:
+      `{"diag_inv": 1 / (max(diag, 0) + λ)}`: entries of `diag` that round-off
+      made negative count as 0.
+    """
     return {"diag_inv": 1.0 / (jax.numpy.maximum(factors["diag"], 0.0) + damping)}
 
   def precondition(self, layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
-    """Returns `∇θ / (diag + λ)`."""
+    """Returns `∇θ / (diag + λ)`.
+
+    Args:
+      layer: the layer (`tracing.Layer`); unused.
+      inverse: `diag_inv` (`inverse`).
+      grads: the one parameter's gradient.
+
+    Returns:
+      A 1-tuple: the preconditioned gradient, typed as `grads[0]`.
+    """
     return ((grads[0] * inverse["diag_inv"]).astype(grads[0].dtype),)
 
   def describe(self, layer) -> str:

@@ -19,19 +19,31 @@ import jax
 import jax.numpy as jnp
 
 from jkfac import linalg
-from jkfac.blocks.base import Captures
+from jkfac.blocks.base import Block, Captures
 
 Array = jax.Array
 
 
-class EmbeddingBlock:
+class EmbeddingBlock(Block):
   """Kronecker block of a lookup table, with a diagonal input factor."""
 
   roles = ("table",)
   needs = "activations"
 
   def statistics(self, layer, captures: Captures) -> dict[str, Array]:
-    """Returns `{"A": id frequencies (vocab,), "G": (features, features)}`."""
+    """Returns `{"A": id frequencies (vocab,), "G": (features, features)}`.
+
+    Args:
+      layer: the layer (`tracing.Layer`), whose table has shape
+        `(vocab, features)`.
+      captures: the ids looked up and the output derivatives, one entry per
+        use.
+
+    Returns:
+      `A[i]`, the fraction of the looked-up ids (all uses together) equal to
+      `i`, ids outside the table adding to no entry; `G`, the sum over the
+      rows of `g g^T`.
+    """
     vocab, features = layer.params[0].shape
     dtype = captures.dtype
     counts, g_cov, rows = jnp.zeros((vocab,), dtype), 0.0, 0
@@ -45,7 +57,18 @@ class EmbeddingBlock:
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
-    """Returns `1 / (counts + π√λ)` and `(G + √λ/π I)^{-1}`."""
+    """Returns `1 / (A + π√λ)` and `(G + √λ/π I)^{-1}` (factored Tikhonov).
+
+    Args:
+      layer: the layer (`tracing.Layer`); unused.
+      factors: `A` (the id frequencies) and `G`, averaged over batches.
+      damping: λ.
+      method: how to invert the damped `G` (`linalg.damped_inverse`).
+
+    Returns:
+      `{"A_inv": (vocab,), "G_inv": (features, features), "pi": π}`, with π
+      from the traces of `diag(A)` and `G` (`linalg.pi_from_traces`).
+    """
     a, g = factors["A"], factors["G"]
     pi = linalg.pi_from_traces(jnp.sum(a), a.shape[0], jnp.trace(g), g.shape[0])
     root = jnp.sqrt(damping).astype(a.dtype)
@@ -54,7 +77,16 @@ class EmbeddingBlock:
 
   def precondition(self, layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
-    """Returns `diag(A_inv) ∇table G_inv`."""
+    """Returns `diag(A_inv) ∇table G_inv`.
+
+    Args:
+      layer: the layer (`tracing.Layer`); unused.
+      inverse: `A_inv` and `G_inv` (`inverse`).
+      grads: the table's gradient, shape `(vocab, features)`.
+
+    Returns:
+      A 1-tuple: the preconditioned table gradient, typed as `grads[0]`.
+    """
     dtype = inverse["G_inv"].dtype
     u = (inverse["A_inv"][:, None] * grads[0].astype(dtype)) @ inverse["G_inv"]
     return (u.astype(grads[0].dtype),)

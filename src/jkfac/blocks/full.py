@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from jkfac import linalg
-from jkfac.blocks.base import Captures, flatten, unflatten
+from jkfac.blocks.base import Block, Captures, flatten, unflatten
 
 Array = jax.Array
 MAX_SIZE = 4096  # a 4096 x 4096 float32 factor is 64 MiB; use Kronecker blocks above
 
 
-class FullBlock:
+class FullBlock(Block):
   """Exact Fisher block of one layer's parameters."""
 
   roles = ("param",)
@@ -46,17 +46,47 @@ class FullBlock:
     return rows.T @ rows
 
   def statistics(self, layer, captures: Captures) -> dict[str, Array]:
-    """Returns `{"full": Σ_n ∇θ_n ∇θ_n^T}` (a mean, by the scaling of the gradients)."""
+    """Returns `{"full": Σ_n ∇θ_n ∇θ_n^T}` (a mean, by the scaling of the gradients).
+
+    Args:
+      layer: the layer (`tracing.Layer`); unused.
+      captures: its `gradient_moment`, the sum over examples of
+        `gradient_moment`.
+
+    Returns:
+      `{"full": (P, P)}` in `captures.dtype`, `P` the number of parameter
+      entries of the layer (`size_of`).
+    """
     return {"full": captures.gradient_moment.astype(captures.dtype)}
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
-    """Returns `(F + λ I)^{-1}`."""
+    """Returns `(F + λ I)^{-1}`.
+
+    Args:
+      layer: the layer (`tracing.Layer`); unused.
+      factors: `full`, the Fisher block `F`, averaged over batches.
+      damping: λ.
+      method: how to invert `F + λ I` (`linalg.damped_inverse`).
+
+    Returns:
+      `{"full_inv": (P, P)}`.
+    """
     return {"full_inv": linalg.damped_inverse(factors["full"], damping, method)}
 
   def precondition(self, layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
-    """Returns `(F + λ I)^{-1} ∇θ`, split back into the parameters."""
+    """Returns `(F + λ I)^{-1} ∇θ`, split back into the parameters.
+
+    Args:
+      layer: the layer (`tracing.Layer`); unused.
+      inverse: `full_inv` (`inverse`).
+      grads: the gradients of the layer's parameters, in `layer.params`
+        order; `∇θ` is their concatenation, flattened (`base.flatten`).
+
+    Returns:
+      The preconditioned gradients, shaped and typed as `grads`.
+    """
     full_inv = inverse["full_inv"]
     return unflatten(full_inv @ flatten(grads, full_inv.dtype), grads)
 
@@ -66,7 +96,14 @@ class FullBlock:
 
 
 def size_of(layer) -> int:
-  """The number of parameter entries of a layer."""
+  """The number of parameter entries of a layer.
+
+  Args:
+    layer: the layer (`tracing.Layer`).
+
+  Returns:
+    `P`, the sum of its parameters' sizes.
+  """
   return sum(math.prod(p.shape) for p in layer.params)
 
 

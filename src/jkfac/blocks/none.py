@@ -10,13 +10,17 @@ from typing import Sequence
 
 import jax
 
-from jkfac.blocks.base import Captures
+from jkfac.blocks.base import Block, Captures
 
 Array = jax.Array
 
 
-class NoneBlock:
-  """Identity preconditioning of one parameter."""
+class NoneBlock(Block):
+  """Identity preconditioning of one parameter.
+
+  It has no factors and no inverses (`statistics` and `inverse` return `{}`),
+  and `precondition` returns the gradients unchanged.
+  """
 
   roles = ("param",)
   needs = "nothing"

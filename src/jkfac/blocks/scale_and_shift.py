@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jkfac.blocks import diagonal, full
-from jkfac.blocks.base import Captures, flatten, unflatten
+from jkfac.blocks.base import Block, Captures, flatten, unflatten
 
 Array = jax.Array
 
@@ -39,14 +39,26 @@ def _per_example(layer, captures: Captures) -> Array:
   return total
 
 
-class ScaleAndShiftBlock:
+class ScaleAndShiftBlock(Block):
   """Diagonal (default) or full Fisher block of a scale and/or shift."""
 
   roles = ("scale", "shift")
   needs = "activations"
 
   def statistics(self, layer, captures: Captures) -> dict[str, Array]:
-    """Returns `{"diag": ...}` (or `{"full": ...}` with option `full`) of this batch."""
+    """Returns `{"diag": ...}` (or `{"full": ...}` with option `full`) of this batch.
+
+    Args:
+      layer: the layer (`tracing.Layer`), with options `axes` (the input's
+        axes that the parameters span) and `full`.
+      captures: per use, the input `x̂` (None for a shift alone) and the
+        output derivatives.
+
+    Returns:
+      With `v` the per-example gradients of the scale and shift together,
+      flattened, one per example and curvature pass: `{"diag": Σ v²}`, shape
+      `(P,)`, or `{"full": Σ v v^T}`, shape `(P, P)`.
+    """
     grads = _per_example(layer, captures)
     if layer.option("full"):
       return {"full": grads.T @ grads}
@@ -54,13 +66,35 @@ class ScaleAndShiftBlock:
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
-    """Returns `(F + λ I)^{-1}` (full) or `1 / (diag + λ)`."""
+    """Returns `(F + λ I)^{-1}` (full) or `1 / (diag + λ)`.
+
+    Args:
+      layer: the layer (`tracing.Layer`), with option `full`.
+      factors: `full` or `diag`, averaged over batches.
+      damping: λ.
+      method: how to invert `F + λ I` (`linalg.damped_inverse`); unused for
+        the diagonal.
+
+    Returns:
+      `{"full_inv": (P, P)}` (`FullBlock.inverse`) or `{"diag_inv": (P,)}`
+      (`DiagonalBlock.inverse`).
+    """
     block = full.BLOCK if layer.option("full") else diagonal.BLOCK
     return block.inverse(layer, factors, damping, method)
 
   def precondition(self, layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
-    """Returns the preconditioned scale and shift gradients."""
+    """Returns the preconditioned scale and shift gradients.
+
+    Args:
+      layer: the layer (`tracing.Layer`), with option `full`.
+      inverse: `full_inv` or `diag_inv` (`inverse`).
+      grads: the gradients of the scale and/or shift, in `layer.params` order.
+
+    Returns:
+      `(F + λ I)^{-1} ∇θ` or `∇θ / (diag + λ)`, `∇θ` the gradients flattened
+      and concatenated, split back, shaped and typed as `grads`.
+    """
     if layer.option("full"):
       return full.BLOCK.precondition(layer, inverse, grads)
     diag_inv = inverse["diag_inv"]
