@@ -4,7 +4,10 @@
 784-1000-500-250-30-250-500-1000-784 (Hinton & Salakhutdinov 2006; Martens &
 Grosse 2015, section 13): tanh (or logistic) hidden units, a linear code
 layer, logistic outputs with Bernoulli cross-entropy summed over pixels,
-averaged over the batch, and an L2 penalty of 1e-5.
+averaged over the batch, and an L2 penalty of 1e-5. The model runs in the
+parameters' dtype; the loss and the penalty are computed in float32 whatever
+it is (as jkfac's losses are), since their sums over pixels and weights
+overflow float16.
 """
 
 from __future__ import annotations
@@ -49,13 +52,14 @@ def logits(params, images: jax.Array, activation: str = "tanh") -> jax.Array:
 
 def data_loss(params, images: jax.Array, activation: str = "tanh") -> jax.Array:
   """Bernoulli cross-entropy, summed over pixels, mean over the batch (plain)."""
-  z = logits(params, images, activation)
+  z = logits(params, images, activation).astype(jnp.float32)
+  images = images.astype(jnp.float32)
   per_pixel = jnp.maximum(z, 0) - z * images + jnp.log1p(jnp.exp(-jnp.abs(z)))
   return jnp.sum(per_pixel) / images.shape[0]
 
 
 def l2_penalty(params) -> jax.Array:
-  return 0.5 * L2 * sum(jnp.sum(jnp.square(l["w"])) for l in params)
+  return 0.5 * L2 * sum(jnp.sum(jnp.square(l["w"].astype(jnp.float32))) for l in params)
 
 
 def objective(params, images: jax.Array, activation: str = "tanh") -> jax.Array:

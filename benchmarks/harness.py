@@ -182,8 +182,9 @@ def plot(records: Iterable[dict[str, Any]], metrics: list[tuple[str, str, bool]]
   fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 4.2 * len(metrics)), squeeze=False)
   for row, (key, label, log) in zip(axes, metrics):
     for r in records:
-      row[0].plot(r["steps"], r[key], label=r["name"])
-      row[1].plot(r["seconds"], r[key], label=r["name"])
+      style = r.get("plot_style", {})  # optional matplotlib options of a run's line
+      row[0].plot(r["steps"], r[key], label=r["name"], **style)
+      row[1].plot(r["seconds"], r[key], label=r["name"], **style)
     for ax, xlabel in zip(row, ("step", "seconds (training steps only, compile included)")):
       ax.set_xlabel(xlabel)
       ax.set_ylabel(label)

@@ -13,8 +13,18 @@ JAX 0.8.3).
 
     python benchmarks/mnist_autoencoder.py --quick     # about two minutes
     python benchmarks/mnist_autoencoder.py             # the full comparison
+    python benchmarks/mnist_autoencoder.py --optimizers jkfac,adam \
+        --param-dtype float32,bfloat16 --steps 500     # precision, side by side
 
-Results: `benchmarks/results/mnist_autoencoder[_quick].json` and `.png`.
+Results: `benchmarks/results/mnist_autoencoder[_quick].json` and `.png`
+(`mnist_autoencoder_precision` when several parameter dtypes are compared,
+`mnist_autoencoder_<dtype>` for one other than float32).
+
+`--param-dtype` sets the dtype of the parameters and of the input images
+(the forward and backward passes run in it; jkfac's factors stay float32;
+Adam's moments take the parameters' dtype, optax's default). Every run is
+evaluated in float32, on the float32 images, with its parameters upcast, so
+that the curves of different dtypes measure the same objective.
 """
 
 from __future__ import annotations
@@ -52,6 +62,8 @@ ALL = ("jkfac", "jkfac_fixed", "jkfac_fixed_eighth", "adam", "sgd",
        "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats", "jkfac_full_curvature",
        "jkfac_tridiagonal", "jkfac_gamma")
 QUICK = ("jkfac", "adam", "sgd", "kfac_jax")
+DTYPES = ("float32", "bfloat16", "float16")
+LINE_STYLES = ("solid", "dashed", "dotted")  # of the runs in each --param-dtype, in order
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,6 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="steps of the fixed-settings runs (they are there for step times)")
   parser.add_argument("--optimizers", default=None,
                       help="comma-separated subset of: " + ",".join(ALL))
+  parser.add_argument("--param-dtype", default="float32",
+                      help="comma-separated parameter (and input) dtypes, each of "
+                           f"{', '.join(DTYPES)}; every optimizer runs in each (kfac-jax "
+                           "only in float32)")
+  parser.add_argument("--adam-grid", default=None,
+                      help="comma-separated Adam learning rates (default: the grid)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data-dir", default=None, help="MNIST directory (else JKFAC_DATA_DIR, "
                       "../shared/data, the cache)")
@@ -84,12 +102,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.eval_every = 10 if args.quick else 20
   if args.quick:
     args.eval_size = min(args.eval_size, 5000)
+  args.param_dtypes = list(dict.fromkeys(args.param_dtype.split(",")))
+  unknown = set(args.param_dtypes) - set(DTYPES)
+  if unknown:
+    parser.error(f"unknown --param-dtype {sorted(unknown)}; choose from {', '.join(DTYPES)}")
   return args
 
 
 # --- the runs --------------------------------------------------------------
 
 def planned_runs(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, Any]]:
+  """Every run, in each of `--param-dtype`'s dtypes (named with it unless float32 alone)."""
+  dtypes = args.param_dtypes
+  runs, groups = [], []
+  for index, dtype in enumerate(dtypes):
+    for run in _runs_in_float32(args, kfac_jax_ok and dtype == "float32"):
+      if dtypes != ["float32"]:  # one colour per optimizer, one line style per dtype
+        group = run.get("group", run["name"])
+        groups += [] if group in groups else [group]
+        run.update(name=f"{run['name']} ({dtype})", group=f"{group} ({dtype})",
+                   plot_style=dict(color=f"C{groups.index(group) % 10}",
+                                   linestyle=LINE_STYLES[index]))
+      runs.append(dict(run, param_dtype=dtype))
+  return runs
+
+
+def _runs_in_float32(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, Any]]:
   wanted = set(args.optimizers.split(",")) if args.optimizers else set(
       QUICK if args.quick else ALL)
   unknown = wanted - set(ALL)
@@ -118,8 +156,11 @@ def planned_runs(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, 
   if "jkfac_fixed_eighth" in wanted:
     runs.append(dict(name="jkfac fixed, stats 1/8", kind="jkfac", stats_fraction=0.125, **fixed))
   if "adam" in wanted:
+    grid = QUICK_ADAM_GRID if args.quick else ADAM_GRID
+    if args.adam_grid:
+      grid = tuple(float(lr) for lr in args.adam_grid.split(","))
     runs += [dict(name=f"adam lr={lr:g}", kind="adam", group="adam", learning_rate=lr)
-             for lr in (QUICK_ADAM_GRID if args.quick else ADAM_GRID)]
+             for lr in grid]
   if "sgd" in wanted:
     runs += [dict(name=f"sgd-nesterov lr={lr:g}", kind="sgd", group="sgd", learning_rate=lr,
                   momentum=0.9) for lr in (QUICK_SGD_GRID if args.quick else SGD_GRID)]
@@ -210,15 +251,19 @@ def train(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
   import datasets
 
   images, _ = datasets.load_mnist("train", data_dir=args.data_dir)
-  eval_images = jnp.asarray(images[:args.eval_size])
+  eval_images = jnp.asarray(images[:args.eval_size], jnp.float32)
   batches = batch_indices(args, images.shape[0])
-  params = autoencoder.init_params(jax.random.PRNGKey(args.seed))
-  first = jnp.asarray(images[batches[0]])
+  dtype = jnp.dtype(run.get("param_dtype", "float32"))
+  # The same initial values in every dtype: drawn in float32, then rounded.
+  params = jax.tree_util.tree_map(lambda a: a.astype(dtype),
+                                  autoencoder.init_params(jax.random.PRNGKey(args.seed)))
+  first = jnp.asarray(images[batches[0]], dtype)
   init, step = make_step(run, params, first, args.activation)
-  objective = jax.jit(lambda p: autoencoder.objective(p, eval_images, args.activation))
+  upcast = lambda p: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), p)
+  objective = jax.jit(lambda p: autoencoder.objective(upcast(p), eval_images, args.activation))
   total = min(run.get("steps", args.steps), args.steps)
   record = harness.train_loop(run, total, step, params, init(params, first),
-                              lambda k: jnp.asarray(images[batches[k]]),
+                              lambda k: jnp.asarray(images[batches[k]], dtype),
                               lambda p: {"loss": objective(p)}, args.eval_every, args.seed + 1)
   record.update(final_loss=record["loss"][-1],
                 batch_sizes=sorted(set(int(len(b)) for b in batches[:total])))
@@ -232,8 +277,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
   best = harness.best_of_groups(records, "loss")
   summary: dict[str, Any] = {"best": {g: r["name"] for g, r in best.items()}, "table": []}
   for r in best.values():
-    summary["table"].append(dict(optimizer=r["name"], steps=r["steps"][-1],
-                                 final_loss=r["final_loss"],
+    summary["table"].append(dict(optimizer=r["name"], param_dtype=r.get("param_dtype", "float32"),
+                                 steps=r["steps"][-1], final_loss=r["final_loss"],
                                  loss_at_200=harness.value_at(r, "loss", 200),
                                  median_step_s=r["median_step_s"], first_step_s=r["first_step_s"],
                                  state_mb=r["state_bytes"] / 2**20, peak_rss_mb=r["peak_rss_mb"]))
@@ -255,12 +300,56 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
   ratio("jkfac / adam, first step", "jkfac", "adam", "first_step_s")
   ratio("jkfac / kfac-jax adaptive, state bytes", "jkfac", "kfac-jax adaptive", "state_bytes")
   summary["ratios"] = ratios
+  if len({r.get("param_dtype", "float32") for r in records}) > 1:
+    summary["precision"] = precision_summary(records)
   if "adam" in best:
     target = best["adam"]["final_loss"]
     summary["adam_final_loss"] = target
     summary["seconds_to_adam_final_loss"] = {r["name"]: harness.seconds_to(r, "loss", target)
                                              for r in best.values()}
   return summary
+
+
+PRECISION_STEPS = (100, 200, 500, 1000)
+
+
+def precision_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Each optimizer's run in a narrower dtype against its float32 run.
+
+  Args:
+    records: every run's record; groups are named `"<optimizer> (<dtype>)"`.
+
+  Returns:
+    One row per group not in float32 whose float32 counterpart ran (the best
+    of a grid; if every run of a group diverged, the one that lasted
+    longest): its loss and the float32 loss at `PRECISION_STEPS` (where
+    evaluated), the step at which it diverged (None if it did not), and the
+    final losses' relative difference `(loss - float32) / float32`.
+  """
+  chosen = dict(harness.best_of_groups(records, "loss"))
+  for r in records:  # groups whose runs all diverged: the longest one
+    group = r.get("group", r["name"])
+    if "error" not in r and (group not in chosen or (
+        "diverged_at" in chosen[group] and r.get("diverged_at", math.inf)
+        > chosen[group]["diverged_at"])):
+      chosen[group] = r
+  rows = []
+  for group, record in chosen.items():
+    dtype = record.get("param_dtype", "float32")
+    reference = chosen.get(group.replace(f"({dtype})", "(float32)"))
+    if dtype == "float32" or reference is None:
+      continue
+    diverged = record.get("diverged_at")
+    rows.append(dict(
+        optimizer=group.replace(f" ({dtype})", ""), param_dtype=dtype, run=record["name"],
+        float32_run=reference["name"], diverged_at=None if diverged is None else diverged + 1,
+        loss={str(s): harness.value_at(record, "loss", s) for s in PRECISION_STEPS},
+        float32_loss={str(s): harness.value_at(reference, "loss", s) for s in PRECISION_STEPS},
+        final_loss=record["final_loss"], float32_final_loss=reference["final_loss"],
+        final_relative_difference=None if diverged is not None else
+        (record["final_loss"] - reference["final_loss"]) / reference["final_loss"],
+        median_step_s=record["median_step_s"], float32_median_step_s=reference["median_step_s"]))
+  return rows
 
 
 def main(argv=None) -> None:
@@ -278,15 +367,22 @@ def main(argv=None) -> None:
     print(f"kfac-jax not run: {kfac_jax_note}", flush=True)
   records = harness.run_all(__file__, runs, argv)
   summary = summarise(records)
-  stem = args.out or ("mnist_autoencoder_quick" if args.quick else "mnist_autoencoder")
+  stem = args.out or (
+      "mnist_autoencoder_precision" if len(args.param_dtypes) > 1 else
+      f"mnist_autoencoder_{args.param_dtypes[0]}" if args.param_dtypes != ["float32"] else
+      "mnist_autoencoder_quick" if args.quick else "mnist_autoencoder")
   RESULTS.mkdir(parents=True, exist_ok=True)
   result = dict(benchmark="mnist_autoencoder", args=vars(args),
                 machine=harness.machine({"kfac_jax": kfac_jax_note}), runs=records,
                 summary=summary)
   (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
-  harness.plot([r for r in records if r.get("name") in summary["best"].values()],
+  shown = set(summary["best"].values()) | {r["run"] for r in summary.get("precision", [])}
+  harness.plot([r for r in records if r.get("name") in shown],
                [("loss", "training objective (fixed subset)", True)], RESULTS / f"{stem}.png",
-               f"MNIST autoencoder, batch {args.batch_size}, {args.activation}")
+               f"MNIST autoencoder, batch {args.batch_size}, {args.activation}"
+               + ("" if args.param_dtypes == ["float32"] else
+                  f"; parameters in {' / '.join(args.param_dtypes)} "
+                  f"({' / '.join(LINE_STYLES[:len(args.param_dtypes)])}), evaluated in float32"))
   print_summary(summary)
   print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')}")
 
@@ -301,6 +397,12 @@ def print_summary(summary: dict[str, Any]) -> None:
           f"{row['peak_rss_mb']:>15.0f}")
   for name, value in summary["ratios"].items():
     print(f"  {name}: {value:.2f}")
+  for row in summary.get("precision", []):
+    losses = "  ".join(f"@{s}: {row['loss'][str(s)]:.2f} vs {row['float32_loss'][str(s)]:.2f}"
+                       for s in PRECISION_STEPS if row["loss"].get(str(s)) is not None)
+    end = (f"diverged at step {row['diverged_at']}" if row["diverged_at"] is not None else
+           f"final {100 * row['final_relative_difference']:+.1f}%")
+    print(f"  {row['optimizer']} in {row['param_dtype']} vs float32: {losses}; {end}")
   if "adam_final_loss" in summary:
     print(f"  seconds to the best Adam's final loss ({summary['adam_final_loss']:.2f}):")
     for name, seconds in summary["seconds_to_adam_final_loss"].items():

@@ -147,7 +147,7 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
     alpha, mu = jnp.where(finite, alpha, 0.0), jnp.where(finite, mu, 0.0)
     step = jax.tree_util.tree_map(
         lambda d, p: jnp.where(finite, alpha * d.astype(dtype) + mu * p.astype(dtype),
-                               0.0).astype(d.dtype),
+                               0.0).astype(p.dtype),  # the parameters' dtype
         direction, previous)
     coefficients = jnp.stack([alpha, mu])
     change = jnp.where(finite, 0.5 * coefficients @ curvature @ coefficients

@@ -310,10 +310,19 @@ class Estimator:
       return [result.predictions[l.id][0] for l in program.losses]
 
     preds, linear = jax.linearize(predictions, list(flat_params))
-    tangents = []
+    tangents, scales = [], []
     for v in vectors:
       leaves = self.check_params(v, "the curvature product's vector")
-      tangents.append(linear([t.astype(p.dtype) for t, p in zip(leaves, flat_params)]))
+      # Each vector is divided by a power of two near its largest entry before
+      # the product runs in the parameters' dtype, so that a long direction
+      # does not overflow float16 (exact: the product is linear), and the Gram
+      # matrix is scaled back in the factor dtype.
+      peak = [jnp.max(jnp.abs(t)).astype(self.factor_dtype) for t in leaves if jnp.size(t)]
+      _, exponent = jnp.frexp(jnp.max(jnp.stack(peak)) if peak else jnp.zeros([]))
+      power = jnp.ldexp(jnp.ones([], self.factor_dtype), exponent)
+      scales.append(power)
+      tangents.append(linear([(t.astype(self.factor_dtype) / power).astype(p.dtype)
+                              for t, p in zip(leaves, flat_params)]))
     size = len(vectors)
     gram = jnp.zeros((size, size), self.factor_dtype)
     for index, (loss, pred) in enumerate(zip(program.losses, preds)):
@@ -323,6 +332,8 @@ class Estimator:
       rows = [[jnp.vdot(t[index].astype(self.factor_dtype), h.astype(self.factor_dtype))
                for h in products] for t in tangents]
       gram = gram + scale * jnp.array(rows, self.factor_dtype)
+    scales = jnp.stack(scales)
+    gram = gram * scales[:, None] * scales[None, :]
     return 0.5 * (gram + gram.T)
 
   def _gradient_moments(self, program: tracing.Program, flat_params: list[Array],

@@ -452,8 +452,12 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     count = state.preconditioner.count
 
     def candidate(damping_now, refresh_now):  # γ² = damping_now
+      # The direction stays at least as wide as the factors until α scales it:
+      # with half-precision parameters F̆^{-1}∇h can exceed float16's range.
+      wide = jax.tree_util.tree_map(
+          lambda g: g.astype(jnp.promote_types(g.dtype, est.factor_dtype)), grads)
       direction, first = preconditioner.update(
-          grads, state.preconditioner, params, stats=stats, refresh_now=refresh_now,
+          wide, state.preconditioner, params, stats=stats, refresh_now=refresh_now,
           damping_now=damping_now)
       step, second = model.update(direction, state.quadratic_model, params, stats=stats,
                                   grads=grads, count=count, damping_now=lam)
