@@ -445,6 +445,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   def update_fn(grads: Any, state: KFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, **extra_args):
     _check_state(state, KFACState, "kfac.update")
+    _check_stats(stats, est, state.preconditioner.factors)
     if adapting and params is None:
       raise ValueError("kfac adapts its damping from the loss at the new parameters: "
                        "call tx.update(grads, opt_state, params, stats=stats) with params.")
