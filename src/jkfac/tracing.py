@@ -227,7 +227,7 @@ class _Walker:
           if name in ("mul", "add"):
             self._affine_candidate(eqn, ins, affine)
         if not any(o is not None for o in outs) and _inner_jaxprs(eqn):
-          self._check_no_loss(eqn)
+          self._check_no_tags_inside(eqn)
       origin.update({v: o for v, o in zip(eqn.outvars, outs) if o is not None})
     biases = self._finish_layers(jaxpr, plan, origin, pending)
     self._finish_affine(jaxpr, plan, origin, [a for a in affine if a.out not in biases])
@@ -240,8 +240,18 @@ class _Walker:
       if o is not None:
         self.consumers.setdefault(o.leaf, set()).add(name)
 
-  def _check_no_loss(self, eqn) -> None:
+  def _check_no_tags_inside(self, eqn) -> None:
+    """Refuses a loss or a layer tag inside control flow, which the walk does not enter."""
     for inner in _inner_jaxprs(eqn):
+      if _contains_primitive(inner, tags.LAYER_TAG_NAME):
+        raise ValueError(
+            f"A jkfac layer tag (register_dense, register_conv or "
+            f"register_scale_and_shift) is inside a `{eqn.primitive.name}` (lax.cond, "
+            "lax.switch, lax.while_loop, lax.scan or a similar control-flow primitive): "
+            "jkfac does not look inside control flow, so the tagged layer would get no "
+            "block of its own. Tag the layer outside it (unroll a short loop in Python, "
+            "or apply the layer once to the stacked inputs after the loop), or remove "
+            "the tag to leave its parameters to the diagonal fallback block.")
       if _contains_primitive(inner, tags.LOSS_TAG_NAME):
         raise ValueError(
             f"A registered loss is inside a `{eqn.primitive.name}` "
