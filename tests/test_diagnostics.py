@@ -27,11 +27,17 @@ def test_figures_equal_numpy_on_the_state_and_steps_since_refresh_count():
   damping = 0.05
   tx = jkfac.scale_by_kfac(est, damping=damping, inverse_every=3, inverse_warmup=0)
   state = tx.init(params)
+
+  @jax.jit
+  def step(state, key):
+    _, grads, stats = est(params, x, y, rng=key)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return grads, updates, state
+
   since = []
   for i in range(5):
-    _, grads, stats = est(params, x, y, rng=jax.random.PRNGKey(i))
-    updates, state = tx.update(grads, state, params, stats=stats)
-    since.append(int(diagnostics(est, state).overall["steps_since_refresh"]))
+    grads, updates, state = step(state, jax.random.PRNGKey(i))
+    since.append(int(state.count - state.last_refresh))
     if since[-1] == 0:
       refreshed = state.factors  # what the inverses in use were computed from
   assert since == [0, 1, 2, 0, 1]  # refreshed at updates 1 and 4
@@ -58,7 +64,7 @@ def test_figures_equal_numpy_on_the_state_and_steps_since_refresh_count():
     np.testing.assert_allclose(figures["grad_norm"],
                                np.sqrt(np.sum(np.square(grads[name]["w"]))
                                        + np.sum(np.square(grads[name]["b"]))), rtol=1e-6)
-  assert int(diag.overall["count"]) == 5
+  assert int(diag.overall["count"]) == 5 and int(diag.overall["steps_since_refresh"]) == 1
   np.testing.assert_allclose(diag.overall["damping"], damping)
 
 
@@ -74,10 +80,14 @@ def test_any_state_holding_a_jkfac_state_under_jit(which):
         "chained": lambda: optax.chain(optax.clip_by_global_norm(1.0),
                                        jkfac.scale_by_kfac(est, damping=1e-2),
                                        optax.scale(-0.1))}[which]()
-  state = tx.init(params)
-  _, grads, stats = est(params, x, y, rng=KEY)
-  updates, state = tx.update(grads, state, params, stats=stats)
-  diag = jax.jit(lambda s, u: diagnostics(est, s, u))(state, updates)
+
+  @jax.jit
+  def step(state):
+    _, grads, stats = est(params, x, y, rng=KEY)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return diagnostics(est, state, updates)
+
+  diag = step(tx.init(params))
   assert set(diag.layers) == {"l0", "l1"}
   assert all(np.isfinite(v) for f in diag.layers.values() for v in f.values())
   assert ("learning_rate" in diag.overall) == (which == "adaptive")
@@ -104,10 +114,14 @@ def test_every_block_kind_has_its_figures():
   loss_fn = lambda p, t, i, l: jkfac.softmax_cross_entropy(model.apply(p, t, i), l)
   est = jkfac.estimator(loss_fn, params, tokens, image, labels)
   tx = jkfac.kfac(est, 0.1, momentum=0.9, damping=1e-2)
-  state = tx.init(params)
-  _, grads, stats = est(params, tokens, image, labels, rng=KEY)
-  updates, state = tx.update(grads, state, params, stats=stats)
-  diag = diagnostics(est, state, updates)
+
+  @jax.jit
+  def step(state):
+    _, grads, stats = est(params, tokens, image, labels, rng=KEY)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return diagnostics(est, state, updates)
+
+  diag = step(tx.init(params))
   kinds = {l.name: l.kind for l in est.layers}
   for name, figures in diag.layers.items():
     if kinds[name] in ("dense", "conv", "embedding"):

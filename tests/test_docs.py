@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import pathlib
 import re
 import sys
@@ -18,6 +19,10 @@ import textwrap
 import pytest
 
 import jkfac
+
+pytestmark = pytest.mark.skipif(os.environ.get("JKFAC_SKIP_DOCS_AND_NOTEBOOKS") == "1",
+                                reason="JKFAC_SKIP_DOCS_AND_NOTEBOOKS=1: the docs build "
+                                       "ran in another suite (see tests/test_examples.py)")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

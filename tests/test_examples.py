@@ -30,10 +30,11 @@ EXAMPLES_DIR = REPO_ROOT / "examples"
 NOTEBOOKS = sorted(EXAMPLES_DIR.glob("*.ipynb"))
 TIMEOUT_S = 600  # per cell
 
-# CI runs the notebooks once, on the newest JAX (.ci/run sets this for its
-# second suite, on the oldest supported JAX, to stay within its time budget).
-pytestmark = pytest.mark.skipif(os.environ.get("JKFAC_SKIP_NOTEBOOKS") == "1",
-                                reason="JKFAC_SKIP_NOTEBOOKS=1: the notebooks ran in "
+# CI runs the notebooks and the docs build once, on the newest JAX (.ci/run
+# sets this for its second suite, on the oldest supported JAX, to stay within
+# its time budget).
+pytestmark = pytest.mark.skipif(os.environ.get("JKFAC_SKIP_DOCS_AND_NOTEBOOKS") == "1",
+                                reason="JKFAC_SKIP_DOCS_AND_NOTEBOOKS=1: they ran in "
                                        "another suite")
 # The dataset each notebook reads ("mnist" when not listed; None: no files).
 DATASETS = {"convnet.ipynb": "cifar-10", "custom_tags.ipynb": None}

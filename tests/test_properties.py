@@ -472,7 +472,7 @@ def _check_mlp(case: MLPCase, dtype: str) -> None:
     _assert_close(_dense_matrix(updates[name]), expected, update_tol, f"{name} update")
 
 
-@hypothesis.settings(max_examples=20, **SETTINGS)
+@hypothesis.settings(max_examples=14, **SETTINGS)
 @hypothesis.given(case=mlp_cases(), dtype=st.sampled_from(("float64", "float32")))
 @hypothesis.example(  # batch of one, one layer, no bias, one class: G = 0, π = 1
     case=MLPCase(widths=(3, 1), activations=(), biases=(False,), batch=1,
@@ -493,7 +493,7 @@ def test_dense_statistics_and_update_equal_brute_force(case: MLPCase, dtype: str
   _check_mlp(case, dtype)
 
 
-@hypothesis.settings(max_examples=14, **SETTINGS)
+@hypothesis.settings(max_examples=10, **SETTINGS)
 @hypothesis.given(case=conv_cases(), dtype=st.sampled_from(("float64", "float32")))
 @hypothesis.example(  # one example, one output location (kernel = input, VALID)
     case=ConvCase(spatial=(2, 3), kernel=(2, 3), strides=(2, 1), padding="VALID",
@@ -526,7 +526,7 @@ def test_conv_statistics_and_update_equal_patch_matrix(case: ConvCase, dtype: st
   _assert_close(_conv_matrix(updates, case.out_channels), expected, update_tol, "conv update")
 
 
-@hypothesis.settings(max_examples=12, **SETTINGS)
+@hypothesis.settings(max_examples=8, **SETTINGS)
 @hypothesis.given(case=mlp_cases(activations=SMOOTH),
                   dtype=st.sampled_from(("bfloat16", "float16")))
 def test_half_precision_parameters_give_float32_factors(case: MLPCase, dtype: str):
