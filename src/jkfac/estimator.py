@@ -310,19 +310,24 @@ class Estimator:
       return [result.predictions[l.id][0] for l in program.losses]
 
     preds, linear = jax.linearize(predictions, list(flat_params))
+    # With parameters of a narrower range than float32 (float16), each vector
+    # is divided by a power of two near its largest entry before the product
+    # runs in the parameters' dtype, so that a long direction does not
+    # overflow (exact: the product is linear); the Gram matrix is scaled back
+    # in the factor dtype.
+    narrow = any(jnp.issubdtype(p.dtype, jnp.floating)
+                 and jnp.finfo(p.dtype).max < jnp.finfo(jnp.float32).max for p in flat_params)
     tangents, scales = [], []
     for v in vectors:
       leaves = self.check_params(v, "the curvature product's vector")
-      # Each vector is divided by a power of two near its largest entry before
-      # the product runs in the parameters' dtype, so that a long direction
-      # does not overflow float16 (exact: the product is linear), and the Gram
-      # matrix is scaled back in the factor dtype.
-      peak = [jnp.max(jnp.abs(t)).astype(self.factor_dtype) for t in leaves if jnp.size(t)]
-      _, exponent = jnp.frexp(jnp.max(jnp.stack(peak)) if peak else jnp.zeros([]))
-      power = jnp.ldexp(jnp.ones([], self.factor_dtype), exponent)
+      power = jnp.ones([], self.factor_dtype)
+      if narrow:
+        peak = [jnp.max(jnp.abs(t)).astype(self.factor_dtype) for t in leaves if jnp.size(t)]
+        _, exponent = jnp.frexp(jnp.max(jnp.stack(peak)) if peak else jnp.zeros([]))
+        power = jnp.ldexp(power, exponent)
+        leaves = [t.astype(self.factor_dtype) / power for t in leaves]
       scales.append(power)
-      tangents.append(linear([(t.astype(self.factor_dtype) / power).astype(p.dtype)
-                              for t, p in zip(leaves, flat_params)]))
+      tangents.append(linear([t.astype(p.dtype) for t, p in zip(leaves, flat_params)]))
     size = len(vectors)
     gram = jnp.zeros((size, size), self.factor_dtype)
     for index, (loss, pred) in enumerate(zip(program.losses, preds)):
