@@ -11,7 +11,7 @@ momentum and the learning rate, like optax's aliases.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +59,18 @@ class ScaleByKFACState(NamedTuple):
 
 
 def _python_number(value: Any) -> Optional[float]:
-  """`value` as a float when it is a concrete number (not a schedule or tracer)."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
+  """`value` as a float when it is a concrete number (not None, a schedule or a tracer)."""
+  if value is None or callable(value) or isinstance(value, jax.core.Tracer):
     return None
   return float(value)
+
+
+def _check_numbers(checks: list[tuple[Any, Callable[[float], bool], str]]) -> None:
+  """Raises `message.format(value)` for the first concrete `value` not `ok`."""
+  for value, ok, message in checks:
+    number = _python_number(value)
+    if number is not None and not ok(number):
+      raise ValueError(message.format(value))
 
 
 def _initial_value(value: Any) -> Optional[float]:
@@ -96,7 +104,7 @@ def _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method
     raise ValueError(f"damping must be positive, got {got}. It is the λ of (F + λI); try "
                      "1e-3 and adjust (jkfac.kfac can adapt it), and keep a schedule's "
                      "values positive.")
-  checks = [
+  _check_numbers([
       (decay, lambda v: 0.0 <= v < 1.0, "decay must be in [0, 1), got {}. It is the "
        "moving averages' ε: try 0.95 (the default); 0 uses each batch alone, 1 would "
        "never update the factors."),
@@ -106,11 +114,7 @@ def _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method
       (inverse_warmup, lambda v: v >= 0 and v == int(v),
        "inverse_warmup must be a non-negative integer, got {}: the number of first "
        "updates that all recompute the inverses; try 3 (the default) or 0."),
-  ]
-  for value, ok, message in checks:
-    number = _python_number(value)
-    if number is not None and not ok(number):
-      raise ValueError(message.format(value))
+  ])
 
 
 def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0.95,
@@ -380,11 +384,21 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     An `optax.GradientTransformationExtraArgs`.
   """
   _check_estimator(est, "kfac")
-  number = _python_number(momentum) if momentum is not None else None
-  if number is not None and not 0 <= number < 1:
-    raise ValueError(f"momentum must be in [0, 1), got {momentum}: the decay of the "
-                     "previous update; try 0.9, 0 for none, or None to choose it by the "
-                     "quadratic model.")
+  _check_numbers([
+      (momentum, lambda v: 0 <= v < 1, "momentum must be in [0, 1), got {}: the decay of "
+       "the previous update; try 0.9, 0 for none, or None to choose it by the quadratic "
+       "model."),
+      (l2_reg, lambda v: v >= 0, "l2_reg must be non-negative, got {}: the η of an η/2 "
+       "|θ|² term already in the loss (0 if there is none; the paper uses 1e-5)."),
+      (damping_interval, lambda v: v >= 1 and v == int(v), "damping_interval must be a "
+       "positive integer, got {}: the updates between two adaptations of λ; try 5 (the "
+       "default)."),
+      (gamma_interval, lambda v: v >= 1 and v == int(v), "gamma_interval must be a "
+       "positive integer or None, got {}: try 20 (the paper's T2), or None to keep "
+       "γ = sqrt(λ + η)."),
+      (min_damping, lambda v: v > 0, "min_damping must be positive, got {}: the floor of "
+       "the adapted λ; try 1e-8 (the default), or more with normalisation layers."),
+  ])
   rate = _initial_value(learning_rate) if learning_rate is not None else None
   if rate is not None and not rate >= 0:
     raise ValueError(f"learning_rate must be non-negative, got {learning_rate}: kfac "
@@ -399,26 +413,9 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     raise ValueError("nesterov=True needs a fixed learning_rate and momentum (the "
                      "quadratic model chooses its own step): pass both, or leave "
                      "nesterov=False.")
-  l2_number = _python_number(l2_reg)
-  if l2_number is not None and not l2_number >= 0:
-    raise ValueError(f"l2_reg must be non-negative, got {l2_reg}: the η of an η/2 |θ|² "
-                     "term already in the loss (0 if there is none; the paper uses 1e-5).")
-  interval = _python_number(damping_interval)
-  if interval is not None and (interval < 1 or interval != int(interval)):
-    raise ValueError(f"damping_interval must be a positive integer, got {damping_interval}: "
-                     "the updates between two adaptations of λ; try 5 (the default).")
-  if gamma_interval is not None and (
-      gamma_interval < 1 or gamma_interval != int(gamma_interval)):
-    raise ValueError(f"gamma_interval must be a positive integer or None, got "
-                     f"{gamma_interval}: try 20 (the paper's T2), or None to keep "
-                     "γ = sqrt(λ + η).")
   if gamma_interval is not None and learning_rate is not None and momentum is not None:
     raise ValueError("gamma_interval re-chooses γ by the quadratic model: leave "
                      "learning_rate or momentum as None to use it.")
-  min_number = _python_number(min_damping)
-  if min_number is not None and not min_number > 0:
-    raise ValueError(f"min_damping must be positive, got {min_damping}: the floor of the "
-                     "adapted λ; try 1e-8 (the default), or more with normalisation layers.")
   with_l2 = lambda lam: ((lambda count: value_at(lam, count) + l2_reg) if callable(lam)
                          else lam + l2_reg)
   preconditioner = scale_by_kfac(est, damping=with_l2(damping), decay=decay,
@@ -429,7 +426,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   if learning_rate is not None and momentum is not None:
     fixed = optax.chain(
         preconditioner,
-        optax.trace(decay=momentum, nesterov=nesterov) if number != 0 else optax.identity(),
+        optax.trace(decay=momentum, nesterov=nesterov) if _python_number(momentum) != 0
+        else optax.identity(),
         optax.scale_by_learning_rate(learning_rate))
     return _zero_step_if_not_finite(fixed) if skip_non_finite else fixed
   adapting = adapt_damping and not callable(damping)
