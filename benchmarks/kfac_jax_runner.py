@@ -234,7 +234,8 @@ class Runner:
 def make_optimizer(params, images_example, *, activation: str = "tanh", adaptive: bool = True,
                    learning_rate=None, momentum=None, damping=None,
                    inverse_every: int = 5, seed: int = 0,
-                   num_burnin_steps: int | None = None) -> Runner:
+                   num_burnin_steps: int | None = None,
+                   initial_damping: float | None = None) -> Runner:
   """kfac-jax on ``autoencoder.objective`` (single device).
 
   Args:
@@ -252,6 +253,9 @@ def make_optimizer(params, images_example, *, activation: str = "tanh", adaptive
     inverse_every: steps between inverse (cache) updates.
     seed: seeds the optimizer's ``init``.
     num_burnin_steps: overrides the burn-in (5 adaptive, 0 fixed).
+    initial_damping: where the adaptive damping starts (``adaptive=True``
+      only; default: :data:`ADAPTIVE_SETTINGS`' 150, kfac-jax's example's;
+      jkfac's benchmark starts at 1).
 
   Returns:
     A :class:`Runner`.
@@ -270,9 +274,15 @@ def make_optimizer(params, images_example, *, activation: str = "tanh", adaptive
     if any(v is not None for v in (learning_rate, momentum, damping)):
       raise ValueError("learning_rate/momentum/damping are adaptive when adaptive=True")
     settings = dict(ADAPTIVE_SETTINGS, inverse_update_period=inverse_every)
+    if initial_damping is not None:
+      if not initial_damping > 0:
+        raise ValueError(f"initial_damping must be positive, got {initial_damping}")
+      settings["initial_damping"] = float(initial_damping)
   else:
     if any(v is None for v in (learning_rate, momentum, damping)):
       raise ValueError("adaptive=False needs learning_rate, momentum and damping")
+    if initial_damping is not None:
+      raise ValueError("initial_damping is for adaptive=True; the fixed damping is `damping`")
     settings = dict(
         use_adaptive_learning_rate=False,
         use_adaptive_momentum=False,

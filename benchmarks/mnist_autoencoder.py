@@ -11,14 +11,28 @@ and SGD with Nesterov momentum run over a small learning-rate grid and the
 best of each grid is reported. kfac-jax runs when it is importable (it needs
 JAX 0.8.3).
 
-    python benchmarks/mnist_autoencoder.py --quick     # about two minutes
+    python benchmarks/mnist_autoencoder.py --quick     # about 4 minutes on 2 CPU cores
     python benchmarks/mnist_autoencoder.py             # the full comparison
     python benchmarks/mnist_autoencoder.py --optimizers jkfac,adam \
         --param-dtype float32,bfloat16 --steps 500     # precision, side by side
+    python benchmarks/mnist_autoencoder.py --optimizers jkfac_damping150,kfac_jax
+                                                       # both starting at damping 150
+    python benchmarks/mnist_autoencoder.py --optimizers jkfac,kfac_jax \
+        --kfac-jax-damping 1                           # both starting at damping 1
 
-Results: `benchmarks/results/mnist_autoencoder[_quick].json` and `.png`
-(`mnist_autoencoder_precision` when several parameter dtypes are compared,
-`mnist_autoencoder_<dtype>` for one other than float32).
+It prints, for each run, when it compiles and its progress; then a table
+(final loss, loss midway, step times, memory) and a verdict in words: which
+optimizer reached the lowest loss, and how many times fewer steps and how
+much less time jkfac (and kfac-jax) needed to reach the best Adam's final
+loss. Time there is steps x the run's typical step time (the median over
+20-step windows of their mean step time), so that a few steps slowed down
+by other processes on a busy machine do not change the verdict.
+
+Results: `benchmarks/results/local/mnist_autoencoder[_quick].json` and
+`.png` (git-ignored; `mnist_autoencoder_precision` when several parameter
+dtypes are compared, `mnist_autoencoder_<dtype>` for one other than
+float32), or `--out PATH_STEM`. The committed results were written with
+`--out benchmarks/results/<name>`.
 
 `--param-dtype` sets the dtype of the parameters and of the input images
 (the forward and backward passes run in it; jkfac's factors stay float32;
@@ -35,13 +49,13 @@ import json
 import math
 import pathlib
 import sys
-from typing import Any
+import textwrap
+from typing import Any, Optional
 
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-RESULTS = HERE / "results"
 
 import harness  # pylint: disable=g-import-not-at-top
 
@@ -60,40 +74,62 @@ QUICK_ADAM_GRID = (1e-3,)
 QUICK_SGD_GRID = (0.01,)
 ALL = ("jkfac", "jkfac_fixed", "jkfac_fixed_eighth", "adam", "sgd",
        "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats", "jkfac_full_curvature",
-       "jkfac_tridiagonal", "jkfac_gamma")
+       "jkfac_tridiagonal", "jkfac_gamma", "jkfac_damping150")
+# Not in the default set of the full run (`--optimizers` asks for them).
+OPTIONAL = ("jkfac_damping150",)
 QUICK = ("jkfac", "adam", "sgd", "kfac_jax")
+# kfac-jax's autoencoder example's initial damping (its adaptive damping starts there).
+KFAC_JAX_DAMPING = 150.0
+# The step at which the table shows the loss midway, when every run evaluated there.
+MIDWAY_STEP = 200
 DTYPES = ("float32", "bfloat16", "float16")
 LINE_STYLES = ("solid", "dashed", "dotted")  # of the runs in each --param-dtype, in order
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=harness.HelpFormatter)
   parser.add_argument("--quick", action="store_true",
-                      help="150 steps, small grids: about two minutes on 2 CPU cores")
-  parser.add_argument("--steps", type=int, default=None, help="training steps per optimizer")
-  parser.add_argument("--batch-size", type=int, default=1000)
+                      help="150 steps, one learning rate for Adam and SGD, evaluation every 10 "
+                           "steps on 5,000 images: about 4 minutes on 2 CPU cores")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="training steps per optimizer (default: 150 with --quick, else 1000)")
+  parser.add_argument("--batch-size", type=int, default=1000, help="examples per step")
   parser.add_argument("--growing-batch", action="store_true",
                       help="the paper's schedule m_k = min(m_1 exp((k-1)/b), N), full by step "
                            "500, rounded down to a ladder of sizes to bound recompilation")
   parser.add_argument("--eval-size", type=int, default=10000,
-                      help="training examples in the fixed evaluation subset")
-  parser.add_argument("--eval-every", type=int, default=None)
-  parser.add_argument("--activation", choices=("tanh", "sigmoid"), default="tanh")
+                      help="training examples in the fixed evaluation subset (at most 5000 "
+                           "with --quick)")
+  parser.add_argument("--eval-every", type=int, default=None,
+                      help="steps between evaluations of the training objective (default: 10 "
+                           "with --quick, else 20)")
+  parser.add_argument("--activation", choices=("tanh", "sigmoid"), default="tanh",
+                      help="hidden units")
   parser.add_argument("--fixed-steps", type=int, default=200,
                       help="steps of the fixed-settings runs (they are there for step times)")
   parser.add_argument("--optimizers", default=None,
-                      help="comma-separated subset of: " + ",".join(ALL))
+                      help="comma-separated subset of: " + ",".join(ALL) + " (default: "
+                           + ",".join(QUICK) + " with --quick, else all but "
+                           + ",".join(OPTIONAL) + "; kfac_jax runs only where kfac-jax "
+                           "is installed and works)")
+  parser.add_argument("--kfac-jax-damping", type=float, default=KFAC_JAX_DAMPING,
+                      help="initial damping of the kfac_jax run (its adaptive damping starts "
+                           "there; 150 is kfac-jax's example's, 1 is jkfac's)")
   parser.add_argument("--param-dtype", default="float32",
                       help="comma-separated parameter (and input) dtypes, each of "
                            f"{', '.join(DTYPES)}; every optimizer runs in each (kfac-jax "
                            "only in float32)")
   parser.add_argument("--adam-grid", default=None,
-                      help="comma-separated Adam learning rates (default: the grid)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--data-dir", default=None, help="MNIST directory (else JKFAC_DATA_DIR, "
-                      "../shared/data, the cache)")
-  parser.add_argument("--out", default=None, help="results file stem")
+                      help="comma-separated Adam learning rates (default: "
+                           f"{','.join(f'{lr:g}' for lr in QUICK_ADAM_GRID)} with --quick, else "
+                           f"{','.join(f'{lr:g}' for lr in ADAM_GRID)})")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seeds the initialisation, the data order and the keys")
+  parser.add_argument("--data-dir", default=None,
+                      help="folder with the MNIST IDX files, or with an mnist/ subfolder holding "
+                           "them (" + harness.DATA_DIR_DEFAULT + ")")
+  harness.add_out_argument(parser, "mnist_autoencoder_quick with --quick, else "
+                                   "mnist_autoencoder")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.steps is None:
@@ -129,7 +165,7 @@ def planned_runs(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, 
 
 def _runs_in_float32(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, Any]]:
   wanted = set(args.optimizers.split(",")) if args.optimizers else set(
-      QUICK if args.quick else ALL)
+      QUICK if args.quick else set(ALL) - set(OPTIONAL))
   unknown = wanted - set(ALL)
   if unknown:
     raise SystemExit(f"unknown optimizers {sorted(unknown)}; choose from {', '.join(ALL)}")
@@ -137,6 +173,8 @@ def _runs_in_float32(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[s
   runs = []
   if "jkfac" in wanted:
     runs.append(dict(name="jkfac", kind="jkfac", **JKFAC))
+  if "jkfac_damping150" in wanted:  # side by side with kfac-jax's example, which starts at 150
+    runs.append(dict(name="jkfac from damping 150", kind="jkfac", **dict(JKFAC, damping=150.0)))
   if "jkfac_full_curvature" in wanted:
     runs.append(dict(name="jkfac full-batch curvature", kind="jkfac",
                      **dict(JKFAC, curvature_fraction=1.0)))
@@ -165,7 +203,11 @@ def _runs_in_float32(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[s
     runs += [dict(name=f"sgd-nesterov lr={lr:g}", kind="sgd", group="sgd", learning_rate=lr,
                   momentum=0.9) for lr in (QUICK_SGD_GRID if args.quick else SGD_GRID)]
   if kfac_jax_ok and "kfac_jax" in wanted:
-    runs.append(dict(name="kfac-jax adaptive", kind="kfac_jax", adaptive=True, inverse_every=5))
+    damping = args.kfac_jax_damping
+    name = "kfac-jax adaptive" + ("" if damping == KFAC_JAX_DAMPING else
+                                  f" from damping {damping:g}")
+    runs.append(dict(name=name, kind="kfac_jax", adaptive=True, inverse_every=5,
+                     initial_damping=damping))
   if kfac_jax_ok and "kfac_jax_fixed" in wanted:
     runs.append(dict(name="kfac-jax fixed", kind="kfac_jax", adaptive=False, **fixed))
   return runs
@@ -203,7 +245,8 @@ def make_step(run: dict[str, Any], params, example_batch, activation: str):
     runner = kfac_jax_runner.make_optimizer(
         params, example_batch, activation=activation, adaptive=run["adaptive"],
         learning_rate=run.get("learning_rate"), momentum=run.get("momentum"),
-        damping=run.get("damping"), inverse_every=run["inverse_every"])
+        damping=run.get("damping"), inverse_every=run["inverse_every"],
+        initial_damping=run.get("initial_damping"))
     return runner.init, runner.step
 
   if run["kind"] == "jkfac":
@@ -272,15 +315,42 @@ def train(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 # --- orchestration -------------------------------------------------------------
 
+def midway_step(records: list[dict[str, Any]]) -> Optional[int]:
+  """The step at which the table shows every run's loss before its end.
+
+  Args:
+    records: the runs of the table.
+
+  Returns:
+    `MIDWAY_STEP` (200) when every run was evaluated there and at least one
+    ran beyond it (as in the full runs: the README's tables quote it); else
+    the last step every run was evaluated at that is at most half of the
+    shortest run; None when there is none (the column is then left out).
+  """
+  if not records:
+    return None
+  common = set.intersection(*(set(r["steps"]) for r in records))
+  if MIDWAY_STEP in common and any(r["steps"][-1] > MIDWAY_STEP for r in records):
+    return MIDWAY_STEP
+  half = min(r["steps"][-1] for r in records) // 2
+  early = [s for s in common if 1 < s <= half]
+  return max(early) if early else None
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-  """The best of each grid, and the figures the targets are stated in."""
+  """The best of each grid, the verdict, and the figures the targets are stated in."""
   best = harness.best_of_groups(records, "loss")
-  summary: dict[str, Any] = {"best": {g: r["name"] for g, r in best.items()}, "table": []}
+  midway = midway_step(list(best.values()))
+  summary: dict[str, Any] = {"best": {g: r["name"] for g, r in best.items()}, "table": [],
+                             "midway_step": midway}
   for r in best.values():
     summary["table"].append(dict(optimizer=r["name"], param_dtype=r.get("param_dtype", "float32"),
                                  steps=r["steps"][-1], final_loss=r["final_loss"],
-                                 loss_at_200=harness.value_at(r, "loss", 200),
-                                 median_step_s=r["median_step_s"], first_step_s=r["first_step_s"],
+                                 loss_at_midway=None if midway is None else
+                                 harness.value_at(r, "loss", midway),
+                                 median_step_s=r["median_step_s"],
+                                 typical_step_s=harness.typical_step_s(r),
+                                 first_step_s=r["first_step_s"], compile_s=r.get("compile_s"),
                                  state_mb=r["state_bytes"] / 2**20, peak_rss_mb=r["peak_rss_mb"]))
   ratios = {}
 
@@ -288,23 +358,34 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     if a in best and b in best:
       ratios[name] = best[a][key] / best[b][key]
 
+  # The adaptive kfac-jax run (named after its initial damping when not kfac-jax's 150).
+  kfac_jax = next((g for g, r in best.items() if r.get("kind") == "kfac_jax" and r.get("adaptive")),
+                  "kfac-jax adaptive")
   ratio("jkfac fixed / kfac-jax fixed, step", "jkfac fixed", "kfac-jax fixed")
   ratio("jkfac fixed stats 1/8 / adam, step", "jkfac fixed, stats 1/8", "adam")
   ratio("jkfac fixed / adam, step", "jkfac fixed", "adam")
-  ratio("jkfac / kfac-jax adaptive, step", "jkfac", "kfac-jax adaptive")
+  ratio("jkfac / kfac-jax adaptive, step", "jkfac", kfac_jax)
   ratio("jkfac full-batch curvature / kfac-jax adaptive, step", "jkfac full-batch curvature",
-        "kfac-jax adaptive")
-  ratio("jkfac tridiagonal / kfac-jax adaptive, step", "jkfac tridiagonal", "kfac-jax adaptive")
-  ratio("jkfac gamma T2=20 / kfac-jax adaptive, step", "jkfac gamma T2=20", "kfac-jax adaptive")
+        kfac_jax)
+  ratio("jkfac tridiagonal / kfac-jax adaptive, step", "jkfac tridiagonal", kfac_jax)
+  ratio("jkfac gamma T2=20 / kfac-jax adaptive, step", "jkfac gamma T2=20", kfac_jax)
+  ratio("jkfac from damping 150 / kfac-jax adaptive, step", "jkfac from damping 150", kfac_jax)
   ratio("jkfac / adam, step", "jkfac", "adam")
   ratio("jkfac / adam, first step", "jkfac", "adam", "first_step_s")
-  ratio("jkfac / kfac-jax adaptive, state bytes", "jkfac", "kfac-jax adaptive", "state_bytes")
+  ratio("jkfac / kfac-jax adaptive, state bytes", "jkfac", kfac_jax, "state_bytes")
   summary["ratios"] = ratios
   if len({r.get("param_dtype", "float32") for r in records}) > 1:
     summary["precision"] = precision_summary(records)
-  if "adam" in best:
-    target = best["adam"]["final_loss"]
+  summary["verdict"] = harness.verdict(best, "loss")
+  adams = [r for r in best.values() if r.get("kind") == "adam"]
+  if adams:
+    target = min(r["final_loss"] for r in adams)
     summary["adam_final_loss"] = target
+    summary["steps_to_adam_final_loss"] = {r["name"]: harness.steps_to(r, "loss", target)
+                                           for r in best.values()}
+    summary["time_to_adam_final_loss"] = {r["name"]: harness.time_to(r, "loss", target)
+                                          for r in best.values()}
+    # Wall-clock, compilation included (what the README's older tables quote).
     summary["seconds_to_adam_final_loss"] = {r["name"]: harness.seconds_to(r, "loss", target)
                                              for r in best.values()}
   return summary
@@ -364,37 +445,45 @@ def main(argv=None) -> None:
         f"{'growing from ' if args.growing_batch else ''}{args.batch_size}, {args.activation}; "
         f"{len(runs)} runs: {', '.join(r['name'] for r in runs)}", flush=True)
   if not kfac_jax_ok:
-    print(f"kfac-jax not run: {kfac_jax_note}", flush=True)
-  records = harness.run_all(__file__, runs, argv)
-  summary = summarise(records)
-  stem = args.out or (
+    print(f"kfac-jax not run (it is optional: {harness.KFAC_JAX_INSTALL}): {kfac_jax_note}",
+          flush=True)
+  stem = harness.output_stem(args.out, (
       "mnist_autoencoder_precision" if len(args.param_dtypes) > 1 else
       f"mnist_autoencoder_{args.param_dtypes[0]}" if args.param_dtypes != ["float32"] else
-      "mnist_autoencoder_quick" if args.quick else "mnist_autoencoder")
-  RESULTS.mkdir(parents=True, exist_ok=True)
+      "mnist_autoencoder_quick" if args.quick else "mnist_autoencoder"))
+  json_path, png_path = harness.with_suffix(stem, ".json"), harness.with_suffix(stem, ".png")
+  print(f"results will be written to {json_path} and {png_path}", flush=True)
+  records = harness.run_all(__file__, runs, argv)
+  summary = summarise(records)
   result = dict(benchmark="mnist_autoencoder", args=vars(args),
                 machine=harness.machine({"kfac_jax": kfac_jax_note}), runs=records,
                 summary=summary)
-  (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
+  json_path.write_text(json.dumps(result, indent=1))
   shown = set(summary["best"].values()) | {r["run"] for r in summary.get("precision", [])}
   harness.plot([r for r in records if r.get("name") in shown],
-               [("loss", "training objective (fixed subset)", True)], RESULTS / f"{stem}.png",
+               [("loss", "training objective (fixed subset)", True)], png_path,
                f"MNIST autoencoder, batch {args.batch_size}, {args.activation}"
                + ("" if args.param_dtypes == ["float32"] else
                   f"; parameters in {' / '.join(args.param_dtypes)} "
                   f"({' / '.join(LINE_STYLES[:len(args.param_dtypes)])}), evaluated in float32"))
   print_summary(summary)
-  print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')}")
+  print(f"\nwrote {json_path} and {png_path}")
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-  print("\n  optimizer                  steps  final loss  loss@200  median step (s)  "
+  """The table, the ratios, the precision rows and the verdict."""
+  midway = summary.get("midway_step")
+  width = max([9] + [len(row["optimizer"]) for row in summary["table"]]) + 2
+  head = f"loss@{midway}" if midway else ""
+  print(f"\n  {'optimizer':<{width}}steps  final loss{head:>10}  median step (s)  "
         "first step (s)  state (MB)  peak RSS (MB)")
   for row in summary["table"]:
-    at200 = "" if row["loss_at_200"] is None else f"{row['loss_at_200']:.2f}"
-    print(f"  {row['optimizer']:<26}{row['steps']:>6}{row['final_loss']:>12.2f}{at200:>10}"
+    at = row.get("loss_at_midway")
+    at = "" if not midway else "-" if at is None else f"{at:.2f}"
+    print(f"  {row['optimizer']:<{width}}{row['steps']:>5}{row['final_loss']:>12.2f}{at:>10}"
           f"{row['median_step_s']:>17.4f}{row['first_step_s']:>16.2f}{row['state_mb']:>12.1f}"
           f"{row['peak_rss_mb']:>15.0f}")
+  print("  (first step: tracing, compilation and the step; median step: the steps after it)")
   for name, value in summary["ratios"].items():
     print(f"  {name}: {value:.2f}")
   for row in summary.get("precision", []):
@@ -403,10 +492,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     end = (f"diverged at step {row['diverged_at']}" if row["diverged_at"] is not None else
            f"final {100 * row['final_relative_difference']:+.1f}%")
     print(f"  {row['optimizer']} in {row['param_dtype']} vs float32: {losses}; {end}")
-  if "adam_final_loss" in summary:
-    print(f"  seconds to the best Adam's final loss ({summary['adam_final_loss']:.2f}):")
-    for name, seconds in summary["seconds_to_adam_final_loss"].items():
-      print(f"    {name}: {'not reached' if seconds is None else f'{seconds:.1f}'}")
+  print("\nVerdict:")
+  for line in summary["verdict"]["lines"]:
+    print("  " + "\n    ".join(textwrap.wrap(line, 104)))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ are real.
     python benchmarks/multidevice.py            # a few minutes on 2 CPU cores
     python benchmarks/multidevice.py --quick    # smaller batches
 
-Results: `benchmarks/results/multidevice.json` and `.png`.
+Results: `benchmarks/results/local/multidevice[_quick].json` and `.png`
+(git-ignored), or `--out PATH_STEM`; the committed results were written
+with `--out benchmarks/results/multidevice`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ import optax
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-RESULTS = HERE / "results"
 
 import harness  # pylint: disable=g-import-not-at-top
 import jkfac  # pylint: disable=g-import-not-at-top
@@ -49,16 +50,16 @@ from jkfac import distributed  # pylint: disable=g-import-not-at-top
 COUNTS = (1, 2, 4, 8)
 
 
-def _models(quick: bool):
+def _models(quick: bool, data_dir=None):
   """name -> (loss_fn, params, (inputs, labels or None), batch)."""
   import autoencoder
   import cifar10_convnet
   import datasets
-  images, _ = datasets.load_mnist("train")
+  images, _ = datasets.load_mnist("train", data_dir=data_dir)
   batch = 256 if quick else 1000
   ae = (lambda p, x: autoencoder.jkfac_objective(p, x), autoencoder.init_params(
       jax.random.PRNGKey(0)), (jnp.asarray(images[:batch]),))
-  cifar_x, cifar_y = datasets.load_cifar10("train")
+  cifar_x, cifar_y = datasets.load_cifar10("train", data_dir=data_dir)
   model = cifar10_convnet._flax()["kfc"]()  # pylint: disable=protected-access
   size = 64 if quick else 128
   x, y = jnp.asarray(cifar_x[:size]), jnp.asarray(cifar_y[:size])
@@ -118,13 +119,19 @@ def measure(loss_fn, params, batch, devices: int, spread: bool, steps: int):
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true")
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=harness.HelpFormatter)
+  parser.add_argument("--quick", action="store_true",
+                      help="smaller batches: 256 autoencoder images (else 1,000), 64 CIFAR-10 "
+                           "images (else 128)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per setting")
+  parser.add_argument("--data-dir", default=None,
+                      help="folder with mnist/ and cifar-10/ subfolders ("
+                           + harness.DATA_DIR_DEFAULT + ")")
+  harness.add_out_argument(parser, "multidevice_quick with --quick, else multidevice")
   args = parser.parse_args(argv)
+  stem = harness.output_stem(args.out, "multidevice_quick" if args.quick else "multidevice")
   rows = []
-  for name, (loss_fn, params, batch) in _models(args.quick).items():
+  for name, (loss_fn, params, batch) in _models(args.quick, args.data_dir).items():
     reference = None
     for devices in COUNTS:
       for spread in ((False, True) if devices > 1 else (False,)):
@@ -141,12 +148,11 @@ def main(argv=None) -> None:
               f"  gathered {row['gathered_bytes_per_refresh'] / 2**20:7.2f} MiB  step "
               f"{row['step_without_refresh_s']:.3f} s, with refresh "
               f"{row['step_with_refresh_s']:.3f} s", flush=True)
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  stem = "multidevice_quick" if args.quick else "multidevice"
-  (RESULTS / f"{stem}.json").write_text(json.dumps(dict(
+  json_path, png_path = harness.with_suffix(stem, ".json"), harness.with_suffix(stem, ".png")
+  json_path.write_text(json.dumps(dict(
       benchmark="multidevice", args=vars(args), machine=harness.machine(), rows=rows), indent=1))
-  _plot(rows, RESULTS / f"{stem}.png")
-  print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')}")
+  _plot(rows, png_path)
+  print(f"wrote {json_path} and {png_path}")
 
 
 def _plot(rows, path) -> None:

@@ -15,7 +15,9 @@ divided by this machine's measured float32 matrix-multiply throughput.
 
     python benchmarks/step_cost.py [--quick]
 
-Results: `benchmarks/results/step_cost.json` and `step_cost.png`.
+Results: `benchmarks/results/local/step_cost.json` and `.png` (git-ignored),
+or `--out PATH_STEM`; the committed results were written with
+`--out benchmarks/results/step_cost`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import optax
 
 import autoencoder
 import flops
+import harness
 import jkfac
 from jkfac import blocks
 
@@ -165,15 +168,20 @@ def floors(sizes: tuple[int, ...], batch: int, stats_fraction: float, inverse_ev
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="autoencoder only, fewer repeats")
-  parser.add_argument("--batch-sizes", default="250,1000")
-  parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--stats-fraction", type=float, default=1.0)
-  parser.add_argument("--inverse-every", type=int, default=20)
-  parser.add_argument("--out", default="step_cost")
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=harness.HelpFormatter)
+  parser.add_argument("--quick", action="store_true",
+                      help="the autoencoder only (not the wide MLP), 5 repeats")
+  parser.add_argument("--batch-sizes", default="250,1000",
+                      help="comma-separated batch sizes, each measured")
+  parser.add_argument("--repeats", type=int, default=None,
+                      help="timed repeats of each part (default: 5 with --quick, else 15)")
+  parser.add_argument("--stats-fraction", type=float, default=1.0,
+                      help="fraction of the batch the curvature statistics are computed on")
+  parser.add_argument("--inverse-every", type=int, default=20,
+                      help="inverse refresh period, for the amortised floor")
+  harness.add_out_argument(parser, "step_cost")
   args = parser.parse_args(argv)
+  stem = harness.output_stem(args.out, "step_cost")
   repeats = args.repeats or (5 if args.quick else 15)
   models = {"autoencoder": MODELS["autoencoder"]} if args.quick else MODELS
   throughput = matmul_throughput()
@@ -185,14 +193,13 @@ def main(argv=None) -> None:
       floor = floors(sizes, batch, args.stats_fraction, args.inverse_every, throughput)
       results.append(dict(model=model, sizes=sizes, batch=batch, floor_s=floor, **measured))
       report(results[-1])
-  out = HERE / "results"
-  out.mkdir(parents=True, exist_ok=True)
   payload = dict(benchmark="step_cost", jax=jax.__version__, devices=[str(d) for d in jax.devices()],
                  throughput_flops=throughput, stats_fraction=args.stats_fraction,
                  inverse_every=args.inverse_every, results=results)
-  (out / f"{args.out}.json").write_text(json.dumps(payload, indent=1))
-  plot(results, out / f"{args.out}.png")
-  print(f"wrote {out / (args.out + '.json')} and {out / (args.out + '.png')}")
+  json_path, png_path = harness.with_suffix(stem, ".json"), harness.with_suffix(stem, ".png")
+  json_path.write_text(json.dumps(payload, indent=1))
+  plot(results, png_path)
+  print(f"wrote {json_path} and {png_path}")
 
 
 def report(r: dict[str, Any]) -> None:

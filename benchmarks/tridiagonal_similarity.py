@@ -14,11 +14,14 @@ points.
 
     python benchmarks/tridiagonal_similarity.py     # about a minute
 
-Results: `benchmarks/results/tridiagonal_similarity.json`.
+Results: `benchmarks/results/local/tridiagonal_similarity.json` (git-ignored),
+or `--out PATH_STEM`; the committed results were written with
+`--out benchmarks/results/tridiagonal_similarity`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
@@ -34,7 +37,8 @@ import optax
 
 import jkfac
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 NETWORKS = {  # name: (layer sizes, loss)
     "classifier 6-12-12-4": ((6, 12, 12, 4), "softmax"),
     "classifier 10-20-20-20-3": ((10, 20, 20, 20, 3), "softmax"),
@@ -105,7 +109,11 @@ def compare(loss, params, x, y, loss_fn, relative_damping):
   return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=harness.HelpFormatter)
+  harness.add_out_argument(parser, "tridiagonal_similarity", plot=False)
+  args = parser.parse_args(argv)
+  out = harness.with_suffix(harness.output_stem(args.out, "tridiagonal_similarity"), ".json")
   rows = []
   for index, (name, (sizes, loss)) in enumerate(NETWORKS.items()):
     key = jax.random.PRNGKey(index)
@@ -126,8 +134,6 @@ def main() -> None:
               f"block-diagonal {result['block_diagonal']:.4f}, block-tridiagonal "
               f"{result['block_tridiagonal']:.4f} (gradient {result['gradient']:.4f})",
               flush=True)
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  out = RESULTS / "tridiagonal_similarity.json"
   out.write_text(json.dumps(dict(benchmark="tridiagonal_similarity", examples=EXAMPLES,
                                  jax=jax.__version__, rows=rows), indent=1))
   print(f"wrote {out}")

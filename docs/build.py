@@ -3,7 +3,9 @@
 
     python docs/build.py [OUTPUT_DIR]
 
-writes a static HTML site into OUTPUT_DIR (default `docs/_build`):
+writes a static HTML site into OUTPUT_DIR (default `docs/_build`). It needs
+pdoc (`pip install -e ".[docs]"`; the `test` extra has it too), and says so
+when it is missing. The site holds:
 
 - the API reference of every public module of the `jkfac` package, made by
   pdoc from the docstrings (Google style): `jkfac.html` (the public names of
@@ -24,6 +26,13 @@ The build fails (an exception; exit status 1 from the command line) when
    not on the page it links to;
 4. a notebook of `examples/` is not linked from `docs/index.md`;
 5. `jkfac.html` does not document every name of `jkfac.__all__`.
+
+Signatures are made readable while the reference renders
+(`_readable_annotations`): classes of other packages are spelled as those
+packages export them (`jax.Array`, not `jax.jaxlib._jax.Array`), and type
+aliases made with `typing_extensions.TypeAliasType` keep their names
+(`damping: ScalarOrSchedule`); the module pages do not document classes of
+other packages bound to module-level names (`Array = jax.Array`).
 
 The docstring rules (`check_docstrings`) apply to every module of the
 package whose dotted name has no part starting with `_`, and in each to its
@@ -54,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -64,8 +74,9 @@ import shutil
 import sys
 import textwrap
 import types
+import typing
 import warnings
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 DOCS_DIR = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = DOCS_DIR.parent
@@ -303,6 +314,126 @@ def check_docstrings(package: str = PACKAGE) -> list[Problem]:
 # --- rendering ----------------------------------------------------------------
 
 
+PDOC_MISSING = ("the documentation is built with pdoc, which is not installed here. Install the "
+                "docs extra from the repository's root:  pip install -e \".[docs]\"")
+
+
+def _import_pdoc() -> Any:
+  """pdoc, imported; a `DocsError` naming the install command if it is missing."""
+  try:
+    import pdoc  # pylint: disable=g-import-not-at-top
+    import pdoc.render  # pylint: disable=g-import-not-at-top,unused-import
+    import pdoc.render_helpers  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as error:
+    raise DocsError(f"{PDOC_MISSING}\n({type(error).__name__}: {error})") from error
+  return pdoc
+
+
+def _type_alias_types() -> tuple[type, ...]:
+  """The classes of `TypeAliasType` objects: `typing`'s (3.12+) and `typing_extensions`'s."""
+  kinds = [getattr(typing, "TypeAliasType", None)]
+  try:
+    import typing_extensions  # pylint: disable=g-import-not-at-top
+    kinds.append(getattr(typing_extensions, "TypeAliasType", None))
+  except ImportError:
+    pass
+  return tuple(dict.fromkeys(kind for kind in kinds if isinstance(kind, type)))
+
+
+def _classes_in(annotation: Any) -> Iterator[type]:
+  """The classes an annotation names, at any depth (`Optional[dict[str, jax.Array]]`)."""
+  if isinstance(annotation, (list, tuple)):  # the argument list of a `Callable`
+    for item in annotation:
+      yield from _classes_in(item)
+    return
+  if isinstance(annotation, type) and not typing.get_args(annotation):
+    yield annotation
+  if isinstance(annotation, _type_alias_types()):
+    return  # shown by its name
+  for argument in typing.get_args(annotation):
+    yield from _classes_in(argument)
+
+
+def public_name(cls: type) -> Optional[str]:
+  """How the documentation spells a class of another package whose home is private.
+
+  Args:
+    cls: the class (`jax.Array`, whose `__module__` and `__qualname__` read
+      `jax.jaxlib._jax.Array`; `optax.GradientTransformationExtraArgs`,
+      defined in `optax._src.base`).
+
+  Returns:
+    The shortest `package.Name`, `package.module.Name` or
+    `package.module.module.Name` (modules already imported, no part starting
+    with `_`) that exports the class under its own name: `jax.Array`,
+    `optax.GradientTransformationExtraArgs`, `jax.sharding.Mesh`,
+    `jax.extend.core.Jaxpr`. None when its own spelling is already public,
+    or no public one is found.
+  """
+  module = getattr(cls, "__module__", None) or ""
+  spelled = f"{module}.{getattr(cls, '__qualname__', '')}"
+  if not any(part.startswith("_") for part in spelled.split(".")):
+    return None
+  top, name = module.split(".")[0], cls.__qualname__.rsplit(".", 1)[-1]
+  if getattr(sys.modules.get(top), name, None) is cls:
+    return f"{top}.{name}"
+  candidates = sorted((module_name.count("."), module_name) for module_name in list(sys.modules)
+                      if module_name.split(".")[0] == top and module_name.count(".") <= 2
+                      and not any(part.startswith("_") for part in module_name.split(".")))
+  for _, module_name in candidates:
+    if getattr(sys.modules[module_name], name, None) is cls:
+      return f"{module_name}.{name}"
+  return None
+
+
+def _readable(original: Any) -> Any:
+  """`inspect.formatannotation`, with other packages' classes spelled as they export them."""
+  def formatannotation(annotation: Any, *args: Any, **kwargs: Any) -> str:
+    if isinstance(annotation, typing.ForwardRef):  # not evaluated: its text is what was written
+      return annotation.__forward_arg__
+    text = original(annotation, *args, **kwargs)
+    for cls in set(_classes_in(annotation)):
+      public = public_name(cls)
+      if public:
+        text = re.sub(rf"\b{re.escape(cls.__module__ + '.' + cls.__qualname__)}\b", public, text)
+    return text
+  return formatannotation
+
+
+@contextlib.contextmanager
+def _readable_annotations(pdoc: Any) -> Iterator[None]:
+  """While the reference is rendered, make its signatures readable.
+
+  pdoc evaluates every annotation and prints what it finds, so without help
+  `jax.Array` reads `jax.jaxlib._jax.Array`, optax's transforms
+  `optax._src.base.GradientTransformationExtraArgs`, and a type alias is
+  printed expanded. Here, (1) a class whose own module path is private is
+  spelled as its package exports it (`public_name`), (2) an annotation pdoc
+  could not evaluate is shown as written, not as `ForwardRef('...')`, and
+  (3) aliases made with `typing_extensions.TypeAliasType` (the Python 3.12
+  `type` statement's object, which pdoc shows by name in signatures) are
+  documented as type aliases on every Python, not only on 3.12+. This
+  replaces `formatannotation` in `inspect` (which formats the parameters)
+  and in `pdoc.doc`, and pdoc's `TypeAliasType`, and restores them after.
+
+  Args:
+    pdoc: the pdoc module.
+
+  Yields:
+    Nothing: the reference is rendered inside the `with` block.
+  """
+  doc = pdoc.doc
+  saved = (inspect.formatannotation, getattr(doc, "formatannotation", inspect.formatannotation),
+           getattr(doc, "TypeAliasType", None))
+  inspect.formatannotation = _readable(saved[0])
+  doc.formatannotation = _readable(saved[1])
+  doc.TypeAliasType = _type_alias_types() or saved[2]
+  try:
+    yield
+  finally:
+    inspect.formatannotation, doc.formatannotation, doc.TypeAliasType = saved
+
+
 def _configure_pdoc(pdoc: Any) -> None:
   pdoc.render.configure(docformat="google", template_directory=TEMPLATES_DIR,
                         footer_text=f"{PACKAGE} documentation", search=True,
@@ -322,10 +453,10 @@ def render_reference(output: pathlib.Path) -> list[str]:
   Raises:
     DocsError: pdoc warned while rendering.
   """
-  import pdoc  # pylint: disable=g-import-not-at-top
+  pdoc = _import_pdoc()
   _configure_pdoc(pdoc)
   modules = [m.__name__ for m in public_modules()]  # imported before warnings are recorded
-  with warnings.catch_warnings(record=True) as caught:
+  with warnings.catch_warnings(record=True) as caught, _readable_annotations(pdoc):
     warnings.simplefilter("always")
     # What pdoc.pdoc does, for exactly these modules (pdoc's own walk of the
     # package would skip the submodules that jkfac.__all__ does not name).
@@ -432,8 +563,8 @@ def render_pages(output: pathlib.Path, modules: Sequence[str]) -> None:
     output: the site folder (the reference already rendered into it).
     modules: the modules of the reference, for links.
   """
-  import pdoc  # pylint: disable=g-import-not-at-top
-  from pdoc import render_helpers  # pylint: disable=g-import-not-at-top
+  pdoc = _import_pdoc()
+  render_helpers = pdoc.render_helpers
   _configure_pdoc(pdoc)
   notebooks = {path.name for path in EXAMPLES_DIR.glob("*.ipynb")}
   (output / "examples").mkdir(parents=True, exist_ok=True)
@@ -511,8 +642,10 @@ def build(output: pathlib.Path = DEFAULT_OUTPUT) -> pathlib.Path:
     The path of the site's `index.html`.
 
   Raises:
-    DocsError: a check failed (the message lists every failure).
+    DocsError: pdoc is not installed (the message says how to install it),
+      or a check failed (the message lists every failure).
   """
+  _import_pdoc()  # before the slower checks: a missing pdoc is said at once
   problems = check_docstrings()
   if problems:
     raise DocsError(f"{len(problems)} docstring problem(s):\n  " + "\n  ".join(

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import pathlib
 import re
 import sys
 import textwrap
+from typing import Optional
 
 import pytest
 
@@ -98,6 +100,89 @@ def test_pages_are_rendered_and_linked(site):
   # The reference links back to the pages.
   dense = (site / "jkfac" / "blocks" / "dense.html").read_text(encoding="utf-8")
   assert 'href="../../how_it_works.html"' in dense
+
+
+def test_signatures_are_readable(site):
+  """Classes of other packages as they export them; no class of theirs documented as jkfac's."""
+  for page in sorted(site.glob("**/*.html")):
+    html = page.read_text(encoding="utf-8")
+    for signature in re.findall(r'<div class="attr (?:function|class)">(.*?)</div>', html, re.S):
+      text = re.sub(r"<[^>]+>", "", signature)
+      for private in ("jaxlib._jax", "optax._src", "jax._src", "ForwardRef("):
+        assert private not in text, (page.name, private, text)
+  transform = (site / "jkfac" / "transform.html").read_text(encoding="utf-8")
+  assert 'id="Array"' not in transform  # `Array = jax.Array` is a shorthand, not jkfac's class
+  signature = re.sub(r"<[^>]+>", "", re.search(
+      r'<section id="scale_by_kfac">.*?</section>', transform, re.S).group(0))
+  assert "optax.GradientTransformationExtraArgs" in signature
+  assert "Optional[jax.sharding.Mesh]" in signature
+
+
+def test_public_name_spells_classes_as_their_package_exports_them():
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  assert build.public_name(jax.Array) == "jax.Array"
+  assert build.public_name(optax.GradientTransformationExtraArgs) == (
+      "optax.GradientTransformationExtraArgs")
+  assert build.public_name(np.ndarray) is None  # already public: left as it is
+  formatted = build._readable(inspect.formatannotation)(  # pylint: disable=protected-access
+      Optional[dict[str, jax.Array]])
+  assert formatted == "Optional[dict[str, jax.Array]]", formatted
+
+
+ALIAS_MODULE = '''
+"""A module made up to test how signatures with a type alias are rendered."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import jax
+from typing_extensions import TypeAliasType
+
+Array = jax.Array
+NumberOrArray = TypeAliasType("NumberOrArray", Union[float, Array])
+"""A number or an array."""
+
+
+def scale(x: Array, factor: Optional[NumberOrArray] = None) -> Array:
+  """Scales.
+
+  Args:
+    x: the array.
+    factor: the factor.
+
+  Returns:
+    The product.
+  """
+  return x if factor is None else x * factor
+'''
+
+
+def test_type_aliases_are_shown_by_name(tmp_path, monkeypatch):
+  """A `TypeAliasType` alias (what `jkfac.transform.ScalarOrSchedule` should be) keeps its name."""
+  pytest.importorskip("typing_extensions")
+  (tmp_path / "jkfac_fake_alias_module.py").write_text(ALIAS_MODULE, encoding="utf-8")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import pdoc  # pylint: disable=g-import-not-at-top
+  build._configure_pdoc(pdoc)  # pylint: disable=protected-access
+  with build._readable_annotations(pdoc):  # pylint: disable=protected-access
+    module = pdoc.doc.Module.from_name("jkfac_fake_alias_module")
+    html = pdoc.render.html_module(module, {"jkfac_fake_alias_module": module})
+  text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", html))
+  assert "factor: Optional[NumberOrArray] = None) -> jax.Array" in text, text
+  assert "type NumberOrArray = Union[float, jax.Array]" in text, text
+  assert 'id="Array"' not in html
+  monkeypatch.delitem(sys.modules, "jkfac_fake_alias_module")
+
+
+def test_without_pdoc_the_build_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "pdoc", None)  # `import pdoc` raises ImportError
+  assert build.main([str(tmp_path / "site")]) == 1
+  error = capsys.readouterr().err
+  assert "pdoc" in error and 'pip install -e ".[docs]"' in error, error
+  assert not (tmp_path / "site").exists()
 
 
 def test_a_broken_link_fails_the_site_check(site, tmp_path):

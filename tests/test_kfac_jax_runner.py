@@ -85,6 +85,14 @@ def test_adaptive(problem):
   assert float(ae.objective(params, images)) == pytest.approx(losses[0], rel=1e-5)
 
 
+def test_adaptive_initial_damping(problem):
+  params, images = problem
+  runner = kjr.make_optimizer(params, images, adaptive=True, initial_damping=1.0)
+  assert runner.settings["initial_damping"] == 1.0
+  assert float(runner.init(params, images).opt_state.damping) == 1.0
+  assert kjr.make_optimizer(params, images).settings["initial_damping"] == 150.0
+
+
 def test_fixed(problem):
   params, images = problem
   runner = kjr.make_optimizer(params, images, adaptive=False, learning_rate=0.01,
@@ -104,3 +112,8 @@ def test_argument_checks(problem):
     kjr.make_optimizer(params, images, adaptive=True, learning_rate=0.01)
   with pytest.raises(ValueError):
     kjr.make_optimizer(params, images[:, :100])
+  with pytest.raises(ValueError):
+    kjr.make_optimizer(params, images, adaptive=False, learning_rate=0.01, momentum=0.9,
+                       damping=1.0, initial_damping=1.0)
+  with pytest.raises(ValueError):
+    kjr.make_optimizer(params, images, initial_damping=0.0)

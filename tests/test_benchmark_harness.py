@@ -1,0 +1,109 @@
+"""What the benchmark scripts share: where results go, the verdict, the table, `--help`."""
+
+import importlib.util
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO_ROOT / "benchmarks"
+SCRIPTS = sorted(path for path in BENCHMARKS.glob("*.py")
+                 if 'if __name__ == "__main__"' in path.read_text(encoding="utf-8"))
+
+
+def _load(name):
+  """benchmarks/<name>.py as a module (benchmarks is not a package)."""
+  if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+  spec = importlib.util.spec_from_file_location(f"jkfac_bench_{name}", BENCHMARKS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+harness = _load("harness")
+
+
+def _record(name, kind, losses, every=10, step_s=0.1, group=None):
+  steps = [1] + [every * (i + 1) for i in range(len(losses) - 1)]
+  record = dict(name=name, kind=kind, steps=steps, loss=list(losses),
+                step_times=[5.0] + [step_s] * (steps[-1] - 1), median_step_s=step_s,
+                first_step_s=5.0, final_loss=losses[-1], state_bytes=2**20, peak_rss_mb=100.0,
+                seconds=[5.0 + step_s * (step - 1) for step in steps])
+  if group:
+    record["group"] = group
+  return record
+
+
+def test_results_go_to_a_git_ignored_folder_unless_asked(tmp_path):
+  assert harness.output_stem(None, "name") == harness.LOCAL_RESULTS / "name"
+  assert harness.LOCAL_RESULTS.relative_to(BENCHMARKS / "results") == pathlib.Path("local")
+  ignored = (REPO_ROOT / ".gitignore").read_text(encoding="utf-8").split()
+  assert "benchmarks/results/local/" in ignored
+  stem = harness.output_stem(str(tmp_path / "sub" / "run.v2.json"), "name")
+  assert stem == tmp_path / "sub" / "run.v2" and stem.parent.is_dir()
+  assert harness.with_suffix(stem, ".png") == tmp_path / "sub" / "run.v2.png"
+
+
+def test_typical_step_time_counts_periodic_slow_steps_not_a_few_stragglers():
+  times = [9.0] + ([0.1] * 19 + [2.1]) * 6  # a 2 s refresh every 20 steps
+  record = dict(step_times=times)
+  assert harness.typical_step_s(record) == pytest.approx(0.2)
+  times[5] = times[30] = 50.0  # two steps slowed by another process
+  assert harness.typical_step_s(record) == pytest.approx(0.2)
+
+
+def test_verdict_says_who_won_and_how_much_faster_kfac_reached_adam():
+  best = {
+      "jkfac": _record("jkfac", "jkfac", [500, 150, 100, 90], step_s=0.4),
+      "adam": _record("adam lr=0.001", "adam", [500, 300, 200, 160], step_s=0.1, group="adam"),
+      "kfac-jax adaptive": _record("kfac-jax adaptive", "kfac_jax", [500, 400, 300, 200]),
+  }
+  verdict = harness.verdict(best)
+  text = "\n".join(verdict["lines"])
+  assert verdict["lowest"] == "jkfac" and text.startswith("Lowest final loss: jkfac, 90")
+  assert verdict["target"] == 160
+  reached = verdict["reached"]["jkfac"]
+  assert reached["steps"] == 10 and reached["fewer_steps"] == pytest.approx(3.0)
+  assert reached["less_time"] == pytest.approx(30 * 0.1 / (10 * 0.4))
+  assert "jkfac reached it at step 10: 3.0x fewer steps than Adam and 1.3x more time" in text
+  assert verdict["reached"]["kfac-jax adaptive"] is None
+  assert "kfac-jax adaptive did not reach 160 in 30 steps (its lowest: 200)" in text
+  assert "median" in text and "busy machine" in text
+  assert harness.verdict({"jkfac": best["jkfac"]})["lines"][-1] == "No Adam run to compare with."
+
+
+def test_the_table_has_no_empty_column():
+  mnist = _load("mnist_autoencoder")
+  quick = [_record(n, k, [500] + [100] * 15) for n, k in (("jkfac", "jkfac"), ("adam", "adam"))]
+  assert mnist.midway_step(quick) == 70  # 150 steps: 200 does not exist
+  full = [_record(n, k, [500] + [100] * 50, every=20) for n, k in (("a", "jkfac"), ("b", "adam"))]
+  assert mnist.midway_step(full) == 200
+  short = [_record("a", "jkfac", [500, 100])]
+  assert mnist.midway_step(short) is None  # no step before the end: the column is left out
+  summary = mnist.summarise(quick)
+  assert all(row["loss_at_midway"] is not None for row in summary["table"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
+def test_help_explains_every_option_and_runs_nothing(script, tmp_path):
+  results = sorted((p, p.stat().st_mtime_ns) for p in (BENCHMARKS / "results").iterdir())
+  proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                        cwd=tmp_path, timeout=300, env=dict(os.environ, COLUMNS="1000"),
+                        check=False)
+  assert proc.returncode == 0, proc.stderr
+  options = proc.stdout.split("\noptions:\n", 1)[1]
+  entries = re.findall(r"^  (-[^\n]*(?:\n {6,}[^\n]*)*)", options, flags=re.M)
+  assert any(entry.startswith("--out PATH_STEM") for entry in entries), options
+  for entry in entries:
+    flag, _, text = entry.partition("  ")
+    if flag.startswith("-h,") or " " not in flag.strip():  # --help, and flags (no value)
+      assert text.strip(), entry
+    else:
+      assert "default" in text, entry
+  assert sorted((p, p.stat().st_mtime_ns) for p in (BENCHMARKS / "results").iterdir()) == results
+  assert not list(tmp_path.iterdir())
