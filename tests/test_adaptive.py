@@ -188,3 +188,142 @@ def test_gamma_interval_needs_the_quadratic_model():
     jkfac.kfac(est, learning_rate=0.1, momentum=0.9, gamma_interval=20)
   with pytest.raises(ValueError, match="min_damping must be positive"):
     jkfac.kfac(est, min_damping=0.0)
+
+
+@pytest.mark.parametrize("curvature,grad_dots,expected", [
+    # Indefinite: the plane has no minimum; α alone along the K-FAC direction.
+    ([[2.0, 3.0], [3.0, 1.0]], [-1.0, 0.5], (0.5, 0.0)),
+    # Positive definite but |μ| > MAX_MOMENTUM: the model is not trusted along δ0.
+    ([[1.0, 0.0], [0.0, 0.01]], [-1.0, 0.1], (1.0, 0.0)),
+    # Ill-conditioned (δ0 nearly parallel to Δ).
+    ([[1.0, 1.0 - 1e-9], [1.0 - 1e-9, 1.0]], [-1.0, -1.0], (1.0, 0.0)),
+    # No positive curvature along the direction: no step.
+    ([[-1.0, 0.0], [0.0, 1.0]], [-1.0, 0.0], (0.0, 0.0)),
+])
+def test_the_two_dimensional_solve_falls_back_to_the_direction_alone(curvature, grad_dots,
+                                                                      expected):
+  alpha, mu = adaptive.solve_coefficients(jnp.array(curvature, jnp.float64),
+                                          jnp.array(grad_dots, jnp.float64))
+  np.testing.assert_allclose([alpha, mu], expected, rtol=1e-12)
+  # The same system without the guard's reason solves the plane.
+  alpha, mu = adaptive.solve_coefficients(jnp.array([[2.0, 0.5], [0.5, 1.0]], jnp.float64),
+                                          jnp.array([-1.0, -0.2], jnp.float64))
+  assert mu != 0.0 and abs(float(mu)) <= adaptive.MAX_MOMENTUM
+
+
+def test_levenberg_marquardt_moves_fast_when_far_off():
+  lm = lambda lam, streak, rho, rejected=False, measured=True, share=0.1: [
+      float(v) for v in adaptive.levenberg_marquardt(
+          jnp.asarray(lam), jnp.asarray(streak, jnp.int32), jnp.asarray(rho),
+          jnp.asarray(rejected), jnp.asarray(measured), jnp.asarray(0.5), jnp.asarray(share))]
+  assert lm(1.0, 0, 0.9) == [0.5, -1]              # down: ω
+  assert lm(1.0, -1, 0.9) == [0.5, -2]             # down again: ω (the paper's rule)
+  assert lm(1.0, 0, 0.1) == [2.0, 1]               # up: 1/ω
+  assert lm(1.0, 1, 0.1) == [4.0, 2]               # second rise in a row: 1/ω²
+  assert lm(1.0, 2, 0.1) == [4.0, 3]               # capped at ω^-MAX_STREAK
+  assert lm(1.0, -3, 0.1) == [2.0, 1]              # a turn starts again at 1/ω
+  assert lm(1.0, 1, 0.5) == [1.0, 0]               # ρ in [1/4, 3/4]: λ kept, streak ends
+  assert lm(1.0, 0, float("nan")) == [2.0, 1]      # a non-finite ρ raises λ
+  assert lm(1.0, 0, -3.0, rejected=True) == [10.0, 1]
+  assert lm(1.0, 0, 0.9, measured=False) == [1.0, 0]
+  # The damping dominates the curvature along the step: down to the balance
+  # point λ (1 - s) / s, by at least ω and at most 10-fold.
+  np.testing.assert_allclose(lm(1.0, 0, 0.9, share=0.8)[0], 0.25)
+  assert lm(1.0, 0, 0.9, share=0.6)[0] == 0.5
+  np.testing.assert_allclose(lm(1.0, 0, 0.9, share=0.999)[0], 0.1)
+  assert lm(1.0, 0, 0.1, share=0.999)[0] == 2.0    # but only when ρ says down
+
+
+def _mlp_problem():
+  params = bf.mlp_params(KEY, (3, 8, 4), scale=3.0)
+  x, y = bf.classification_data(40, 3, 4)
+  return params, 3.0 * x, y
+
+
+def test_a_step_whose_loss_rises_is_rejected_and_the_damping_raised():
+  params, x, y = _mlp_problem()
+  est = jkfac.estimator(bf.ce_loss, params, x, y, mode="exact")
+  tx = jkfac.kfac(est, damping=1e-8, inverse_every=100)
+  state = tx.init(params)
+  history = []
+  for _ in range(12):
+    loss, grads, stats = est(params, x, y)
+    updates, new_state = tx.update(grads, state, params, stats=stats)
+    new_params = optax.apply_updates(params, updates)
+    rejected = int(new_state.rejected_steps) - int(state.rejected_steps)
+    if rejected:
+      # Nothing moves: parameters and the momentum's previous update.
+      jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new_params, params)
+      jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+                   new_state.quadratic_model.previous_update,
+                   state.quadratic_model.previous_update)
+      assert float(new_state.damping) >= 10 * float(state.damping)
+      assert int(new_state.measure_until) == int(state.preconditioner.count) + 1 + 5
+    else:  # a step taken never raised the loss (ρ measured at every step here)
+      assert float(bf.ce_loss(new_params, x, y)) <= float(loss)
+    history.append((rejected, float(new_state.damping)))
+    params, state = new_params, new_state
+  assert sum(r for r, _ in history) >= 1  # from λ = 1e-8 the first steps are too long
+  assert history[0] == (1, 1e-7)
+  # The inverses follow the raised λ at once: refreshed with it at the next step.
+  assert float(state.preconditioner.damping) > 1e-6
+
+
+def test_a_non_finite_loss_at_the_new_parameters_is_rejected():
+  params, x, y = _mlp_problem()
+  # The loss is finite at the parameters and overflows beyond them.
+  def loss_fn(p, x, y):
+    big = jnp.where(jnp.abs(p["l0"]["w"]).max() > 100.0, jnp.inf, 0.0)
+    return bf.ce_loss(p, x, y) + big
+  est = jkfac.estimator(loss_fn, params, x, y, mode="exact")
+  tx = jkfac.kfac(est, damping=1e-8)
+  state = tx.init(params)
+  _, grads, stats = est(params, x, y)
+  grads = jax.tree.map(lambda g: 1e6 * g, grads)  # a step far out
+  updates, state = tx.update(grads, state, params, stats=stats)
+  assert int(state.rejected_steps) == 1
+  assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("damping", [1e-4, 1e-2, 1.0, 1e2])
+def test_adaptive_kfac_trains_from_any_starting_damping(damping):
+  params, x, y = _mlp_problem()
+  x, params = x.astype(jnp.float32), jax.tree.map(lambda a: a.astype(jnp.float32), params)
+  est = jkfac.estimator(bf.ce_loss, params, x, y)
+  params, state, losses, _ = bf.train_jitted(est, jkfac.kfac(est, damping=damping), params,
+                                             (x, y), 30)
+  assert np.all(np.isfinite(losses)) and max(losses) <= 2 * losses[0]
+  assert np.mean(losses[-5:]) < 0.7 * losses[0], losses
+
+
+def test_rho_is_measured_at_every_step_at_first_then_every_interval():
+  params, x, y = _mlp_problem()
+  est = jkfac.estimator(bf.ce_loss, params, x, y, mode="exact")
+  tx = jkfac.kfac(est, damping=10.0, damping_interval=4, reject_steps=False)
+  state = tx.init(params)
+  measured = []
+  for _ in range(12):
+    _, grads, stats = est(params, x, y)
+    updates, new_state = tx.update(grads, state, params, stats=stats)
+    measured.append(float(new_state.reduction_ratio) != float(state.reduction_ratio)
+                    or int(new_state.damping_streak) != int(state.damping_streak))
+    params, state = optax.apply_updates(params, updates), new_state
+  assert measured == [True] * 4 + [False, False, False, True] * 2
+  assert int(state.rejected_steps) == 0
+
+
+def test_damping_share_is_the_damping_part_of_the_curvature_along_the_step():
+  params, x, t, loss_fn = _regression()
+  est = jkfac.estimator(loss_fn, params, x, t, mode="exact")
+  lam = 0.5
+  tx = jkfac.kfac(est, damping=lam, adapt_damping=False)
+  _, grads, stats = est(params, x, t)
+  updates, state = tx.update(grads, tx.init(params), params, stats=stats)
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  model = lambda f: x @ unravel(f)["l0"]["w"] + unravel(f)["l0"]["b"]
+  jac = jax.jacobian(model)(flat).reshape(-1, flat.size)  # Gaussian: F = J^T J / n
+  fisher = jac.T @ jac / x.shape[0]
+  step = jax.flatten_util.ravel_pytree(updates)[0]
+  damped = lam * step @ step
+  np.testing.assert_allclose(state.quadratic_model.damping_share,
+                             damped / (step @ fisher @ step + damped), rtol=1e-10)

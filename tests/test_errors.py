@@ -407,6 +407,8 @@ def test_options_out_of_range(made, kwargs, message):
     (dict(learning_rate=0.1, momentum=0.9, gamma_interval=20),
      "gamma_interval re-chooses γ by the quadratic model: leave learning_rate or momentum"),
     (dict(min_damping=0.0), "min_damping must be positive, got 0.0.*try 1e-8"),
+    (dict(learning_rate=0.1, momentum=0.9, kl_clip=0.0),
+     "kl_clip must be positive or None, got 0.0.*None for no trust region"),
     (dict(nesterov=True, learning_rate=0.1), "nesterov=True needs a fixed learning_rate and "
                                              "momentum.*nesterov=False"),
     (dict(decay=1.0), r"decay must be in \[0, 1\)"),

@@ -90,7 +90,7 @@ def _check_kfac_state(state: Any, adaptive: bool, factor: Any, param: Any) -> No
     assert _dtypes(state.quadratic_model._replace(previous_update=())) == {jnp.dtype(factor)}
     assert _dtypes((state.damping, state.reduction_ratio, state.gamma)) == {jnp.dtype(factor)}
   else:
-    preconditioner, momentum, _ = state
+    preconditioner, _, momentum, _ = state  # the trust region (off) between
     assert _dtypes(preconditioner) == {jnp.dtype(factor)}
     assert _dtypes(momentum) == {jnp.dtype(param)}
 

@@ -12,15 +12,16 @@ from jkfac.schedules import growing_batch_size, growing_batch_sizes
 from jkfac.tags import register_conv, register_dense, register_scale_and_shift
 from jkfac.tracing import Layer, Param
 from jkfac.transform import KFACState, ScaleByKFACState, kfac, scale_by_kfac
+from jkfac.trust_region import KLClipState, scale_by_kl_clip
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Diagnostics", "Estimator", "KFACState", "Layer", "Param", "PolyakAveraging", "PolyakState",
+    "Diagnostics", "Estimator", "KFACState", "KLClipState", "Layer", "Param", "PolyakAveraging", "PolyakState",
     "QuadraticModelState", "ScaleByKFACState", "Statistics", "averaged_params", "diagnostics",
     "estimator", "format_diagnostics", "growing_batch_size", "growing_batch_sizes", "kfac",
     "polyak_average", "register_bernoulli_predictive", "register_categorical_predictive",
     "register_conv", "register_dense", "register_gaussian_predictive",
-    "register_scale_and_shift", "scale_by_kfac", "scale_by_quadratic_model",
+    "register_scale_and_shift", "scale_by_kfac", "scale_by_kl_clip", "scale_by_quadratic_model",
     "sigmoid_cross_entropy", "softmax_cross_entropy", "squared_error",
 ]

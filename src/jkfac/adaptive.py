@@ -34,11 +34,15 @@ class QuadraticModelState(NamedTuple):
     learning_rate: the α of the last update.
     momentum: the μ of the last update.
     predicted_change: `M(δ) - M(0)` of the last update (negative).
+    damping_share: the share of the damping in the model's curvature along
+      the last update, `(λ + η)|δ|² / δ^T (F + (λ + η) I) δ`: near 1, λ
+      rather than the Fisher sets the step's length.
   """
   previous_update: Any
   learning_rate: Array
   momentum: Array
   predicted_change: Array
+  damping_share: Array
 
 
 def _dot(a: Any, b: Any, dtype) -> Array:
@@ -46,10 +50,21 @@ def _dot(a: Any, b: Any, dtype) -> Array:
              for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
+MAX_MOMENTUM = 2.0
+"""The largest |μ| taken from the two-dimensional solve; beyond it, α alone."""
+
+
 def solve_coefficients(curvature: Array, grad_dots: Array,
                        learning_rate: Optional[Array] = None,
                        momentum: Optional[Array] = None) -> tuple[Array, Array]:
   """Minimises `½ c^T C c + g^T c` over `c = (α, μ)` (or one of them).
+
+  The two-dimensional solve is guarded: when `C` is not positive definite,
+  is ill-conditioned (`det C ≤ 10⁻⁶ C₀₀ C₁₁`), or gives a momentum with
+  `|μ| > MAX_MOMENTUM` (the quadratic model is then not to be trusted along
+  the previous update), the step falls back to the K-FAC direction alone
+  (`μ = 0`, `α = -g₀ / C₀₀`). A model without positive curvature along the
+  direction gives no step.
 
   Args:
     curvature: `C`, 2x2, `[[Δ^T K Δ, Δ^T K δ0], [., δ0^T K δ0]]` with
@@ -66,21 +81,27 @@ def solve_coefficients(curvature: Array, grad_dots: Array,
   g0, g1 = grad_dots[0], grad_dots[1]
   tiny = jnp.finfo(curvature.dtype).tiny
   has_previous = c11 > tiny
+  positive = c00 > tiny
+  alpha_alone = -g0 / jnp.where(positive, c00, 1.0)
   if learning_rate is None and momentum is None:
     det = c00 * c11 - c01 * c01
-    plane = has_previous & (det > 1e-6 * c00 * c11)
+    plane = has_previous & positive & (det > 1e-6 * c00 * c11)
     safe_det = jnp.where(plane, det, 1.0)
-    alpha = jnp.where(plane, (c01 * g1 - c11 * g0) / safe_det, -g0 / c00)
-    mu = jnp.where(plane, (c01 * g0 - c00 * g1) / safe_det, 0.0)
+    mu = (c01 * g0 - c00 * g1) / safe_det
+    plane = plane & (jnp.abs(mu) <= MAX_MOMENTUM)
+    alpha = jnp.where(plane, (c01 * g1 - c11 * g0) / safe_det, alpha_alone)
+    mu = jnp.where(plane, mu, 0.0)
   elif learning_rate is None:
     mu = jnp.where(has_previous, momentum, 0.0)
-    alpha = -(g0 + mu * c01) / c00
+    alpha = -(g0 + mu * c01) / jnp.where(positive, c00, 1.0)
   elif momentum is None:
     alpha = jnp.asarray(learning_rate, curvature.dtype)
     mu = jnp.where(has_previous, -(g1 + alpha * c01) / jnp.where(has_previous, c11, 1.0), 0.0)
   else:
     alpha, mu = jnp.asarray(learning_rate, curvature.dtype), jnp.asarray(momentum,
                                                                         curvature.dtype)
+  if learning_rate is None:
+    alpha = jnp.where(positive, alpha, 0.0)
   ok = jnp.isfinite(alpha) & jnp.isfinite(mu)
   return jnp.where(ok, alpha, 0.0), jnp.where(ok, mu, 0.0)
 
@@ -114,7 +135,8 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
 
   def init_fn(params: Any) -> QuadraticModelState:
     zero = jnp.zeros([], est.factor_dtype)
-    return QuadraticModelState(jax.tree_util.tree_map(jnp.zeros_like, params), zero, zero, zero)
+    return QuadraticModelState(jax.tree_util.tree_map(jnp.zeros_like, params), zero, zero, zero,
+                               zero)
 
   def update_fn(updates: Any, state: QuadraticModelState, params: Any = None, *,
                 stats: Optional[Statistics] = None, grads: Any = None, count: Any = None,
@@ -150,9 +172,11 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
                                0.0).astype(p.dtype),  # the parameters' dtype
         direction, previous)
     coefficients = jnp.stack([alpha, mu])
-    change = jnp.where(finite, 0.5 * coefficients @ curvature @ coefficients
-                       + coefficients @ grad_dots, 0.0)
-    return step, QuadraticModelState(step, alpha, mu, change)
+    along = coefficients @ curvature @ coefficients
+    change = jnp.where(finite, 0.5 * along + coefficients @ grad_dots, 0.0)
+    damped = lam * (coefficients @ dots @ coefficients)
+    share = jnp.where(finite & (along > 0), damped / jnp.where(along > 0, along, 1.0), 0.0)
+    return step, QuadraticModelState(step, alpha, mu, change, share)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -168,3 +192,54 @@ def value_at(schedule: Any, count: Array) -> Array:
     `schedule(count)`, or the number as an array.
   """
   return schedule(count) if callable(schedule) else jnp.asarray(schedule)
+
+
+JUMP_FACTOR = 10.0
+"""The most λ moves at one measurement, up at a rejection or down towards balance."""
+MAX_STREAK = 2
+"""The most consecutive moves up of λ whose factors compound (`ω^-k`)."""
+
+
+def levenberg_marquardt(damping: Array, streak: Array, rho: Array, rejected: Array,
+                        measured: Array, omega: Array, damping_share: Array
+                        ) -> tuple[Array, Array]:
+  """The Levenberg-Marquardt rule for λ (section 6.5), with step rejection.
+
+  At a measurement, λ rises if `ρ < 1/4` or ρ is not finite, falls if
+  `ρ > 3/4`, by ω (the paper's rule), with two exceptions that make it
+  travel fast both ways when it is far off:
+
+  - up: the k-th move up in a row is by `ω^-k` (`k ≤ MAX_STREAK`), and a
+    rejected step multiplies λ by `JUMP_FACTOR`;
+  - down: while the damping dominates the model's curvature along the step
+    (`damping_share = s > 1/2`: λ, not the Fisher, sets the step's length,
+    so λ is too large whatever else), λ falls to the balance point
+    `λ (1 - s) / s = δ^T F δ / |δ|²` where the two are equal, by at most
+    `JUMP_FACTOR` (and at least ω).
+
+  Args:
+    damping: λ.
+    streak: the signed count of the last consecutive moves (+ up, - down).
+    rho: the reduction ratio of this step (anything when not measured).
+    rejected: whether this step was rejected.
+    measured: whether ρ was measured at this step (nothing changes if not).
+    omega: ω, the factor of one move (`(19/20)^steps` since the last
+      measurement).
+    damping_share: the quadratic model's `QuadraticModelState.damping_share`
+      of this step.
+
+  Returns:
+    The new `(λ, streak)`, unclipped.
+  """
+  up = rejected | ~jnp.isfinite(rho) | (rho < 0.25)
+  down = ~up & (rho > 0.75)
+  new_streak = jnp.where(up, jnp.maximum(streak, 0) + 1,
+                         jnp.where(down, jnp.minimum(streak, 0) - 1, 0))
+  rise = omega ** -jnp.minimum(new_streak, MAX_STREAK).astype(damping.dtype)
+  rise = jnp.where(rejected, JUMP_FACTOR, rise)
+  dominant = damping_share > 0.5
+  balance = (1.0 - damping_share) / jnp.where(dominant, damping_share, 1.0)
+  fall = jnp.where(dominant, jnp.clip(balance, 1.0 / JUMP_FACTOR, omega), omega)
+  factor = jnp.where(up, rise, jnp.where(down, fall, 1.0))
+  return (jnp.where(measured, damping * factor, damping).astype(damping.dtype),
+          jnp.where(measured, new_streak, streak).astype(streak.dtype))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jkfac.estimator import Estimator
 from jkfac.transform import KFACState, ScaleByKFACState
+from jkfac.trust_region import KLClipState
 
 Array = jax.Array
 
@@ -30,10 +31,15 @@ class Diagnostics(NamedTuple):
     overall: figures of the whole optimizer: `count` (updates so far),
       `steps_since_refresh`, `damping` (the λ of the inverses in use),
       `skipped` (non-finite statistics left out), `nonfinite_grads`,
-      `failed_refreshes`, and with `kfac`'s quadratic model also
+      `failed_refreshes`; with `kfac`'s quadratic model also
       `adapted_damping` (the current Levenberg-Marquardt λ),
-      `reduction_ratio` ρ, `learning_rate` α, `momentum` μ, `gamma` and
-      `predicted_change`; with `updates`, `update_norm`.
+      `reduction_ratio` ρ, `learning_rate` α, `momentum` μ, `gamma`,
+      `predicted_change`, `rejected_steps` (steps not taken because the
+      loss rose) and `damping_streak` (consecutive moves of λ the same way,
+      positive up: a run whose loss keeps rising shows a growing streak and
+      rejections); with a fixed learning rate's trust region,
+      `kl_clip_scale` (the factor ν of the last update, 1 inside the
+      region); with `updates`, `update_norm`.
     layers: layer name -> its figures: the damping in use, `damping_A =
       π√λ` and `damping_G = √λ/π` with `pi` for Kronecker blocks, else
       `damping = λ`; for each factor `F` of the layer (`A`, `G`, `diag`,
@@ -107,7 +113,10 @@ def diagnostics(est: Estimator, opt_state: Any, updates: Any = None,
     model = outer.quadratic_model
     overall.update(adapted_damping=outer.damping, reduction_ratio=outer.reduction_ratio,
                    learning_rate=model.learning_rate, momentum=model.momentum,
-                   gamma=outer.gamma, predicted_change=model.predicted_change)
+                   gamma=outer.gamma, predicted_change=model.predicted_change,
+                   rejected_steps=outer.rejected_steps, damping_streak=outer.damping_streak)
+  for clip in _find(opt_state, KLClipState):
+    overall["kl_clip_scale"] = clip.scale
   flat = {name: None if tree is None else est.check_params(tree, f"diagnostics({name}=...)")
           for name, tree in (("updates", updates), ("grads", grads))}
   if flat["updates"] is not None:
@@ -137,7 +146,8 @@ def diagnostics(est: Estimator, opt_state: Any, updates: Any = None,
 
 
 _OVERALL = ("count", "steps_since_refresh", "damping", "adapted_damping", "gamma",
-            "reduction_ratio", "learning_rate", "momentum", "predicted_change", "update_norm",
+            "reduction_ratio", "learning_rate", "momentum", "predicted_change",
+            "rejected_steps", "damping_streak", "kl_clip_scale", "update_norm",
             "skipped", "nonfinite_grads", "failed_refreshes")
 _FACTORS = ("A", "G", "diag", "full")
 _FIGURES = ("damping", "trace", "condition", "damped_condition")

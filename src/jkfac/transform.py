@@ -18,14 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
+from typing_extensions import TypeAliasType
 
-from jkfac import blocks, distributed, linalg, tridiagonal
+from jkfac import adaptive, blocks, distributed, linalg, tridiagonal, trust_region
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model, value_at
 from jkfac.estimator import Estimator, Statistics
 
 Array = jax.Array
 STRUCTURES = ("block_diagonal", "block_tridiagonal")
-ScalarOrSchedule = Union[float, Array, optax.Schedule]
+ScalarOrSchedule = TypeAliasType("ScalarOrSchedule", Union[float, Array, optax.Schedule])
+"""A number, a scalar `jax.Array`, or an optax schedule (a function of the step count)."""
 
 
 class ScaleByKFACState(NamedTuple):
@@ -306,18 +308,33 @@ class KFACState(NamedTuple):
     reduction_ratio: the last ρ (NaN until one is measured).
     gamma: the factored Tikhonov strength γ of the inverses (`γ² = λ + η`
       unless re-chosen every `gamma_interval` steps).
+    rejected_steps: steps rejected because the loss rose or was not finite
+      at the new parameters (int32; each was replaced by no step).
+    damping_streak: the consecutive moves of λ the same way (int32; positive
+      up, negative down): a run whose λ keeps rising shows it here.
+    measure_until: ρ is measured at every update while the count is below
+      this (int32): the first `damping_interval` updates and as many after
+      each rejection.
   """
   preconditioner: ScaleByKFACState
   quadratic_model: QuadraticModelState
   damping: Array
   reduction_ratio: Array
   gamma: Array
+  rejected_steps: Array
+  damping_streak: Array
+  measure_until: Array
+
+
+_DAMPING_DRIFT = 2.0
+"""The inverses are refreshed early when their damping is off by this factor."""
 
 
 def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
          momentum: Optional[ScalarOrSchedule] = None, damping: ScalarOrSchedule = 1.0, *,
          adapt_damping: bool = True, damping_interval: int = 5,
          min_damping: float = 1e-8, gamma_interval: Optional[int] = None,
+         reject_steps: bool = True, kl_clip: Optional[float] = None,
          nesterov: bool = False, l2_reg: float = 0.0, decay: float = 0.95,
          inverse_every: int = 20, inverse_warmup: int = 3,
          inverse_method: str = "cholesky", structure: str = "block_diagonal",
@@ -327,15 +344,30 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   """K-FAC: the preconditioner, then momentum and the learning rate.
 
   With both `learning_rate` and `momentum` given, this is
-  `optax.chain(scale_by_kfac(...), optax.trace(momentum), scale(-learning_rate))`
-  with the given damping. With either left as None (the default), it is
-  chosen at every step by minimising the quadratic model of the loss over the
-  K-FAC direction and the previous update (Martens & Grosse, section 7; see
+  `optax.chain(scale_by_kfac(...), scale_by_kl_clip(...), optax.trace(momentum),
+  scale(-learning_rate))`: K-FAC with a fixed step, optionally inside a trust
+  region (see `kl_clip`).
+
+  With either left as None (the default), it is chosen at every step by
+  minimising the quadratic model of the loss over the K-FAC direction and
+  the previous update (Martens & Grosse, section 7; see
   `scale_by_quadratic_model`), and, with `adapt_damping`, λ follows the
-  Levenberg-Marquardt rule (section 6.5): every `damping_interval` steps the
-  reduction ratio `ρ = (h(θ + δ) - h(θ)) / (M(δ) - M(0))` is measured (one
-  extra forward pass) and λ is divided by `ω = (19/20)^damping_interval` if
-  `ρ < 1/4`, multiplied by it if `ρ > 3/4`. Use it as any optax optimizer,
+  Levenberg-Marquardt rule (section 6.5) from the reduction ratio
+  `ρ = (h(θ + δ) - h(θ)) / (M(δ) - M(0))`: λ rises when `ρ < 1/4`, falls when
+  `ρ > 3/4`, by `ω = (19/20)^steps` since the last measurement; it moves
+  faster when it is far off (`jkfac.adaptive.levenberg_marquardt`): up by
+  `ω^-k` at the k-th rise in a row (k ≤ 2) and 10-fold at a rejected step,
+  down by up to 10-fold, to where the damping and the Fisher contribute
+  equally to the model's curvature along the step, while the damping
+  dominates it. ρ is measured at every step of the first `damping_interval`
+  steps and after a rejection, then every `damping_interval` steps; each
+  measurement costs one forward pass at the new parameters (two with
+  `curvature_fraction < 1`: the loss before the step too). With
+  `reject_steps`, a measured step whose loss rose or is not finite is not
+  taken (no step, momentum kept), λ is multiplied by at least 10 and the
+  inverses are recomputed with it: a trust-region method's rejection. The
+  inverses are also recomputed early whenever λ has moved by more than a
+  factor of 2 since their last refresh. Use it as any optax optimizer,
   passing `stats=` to `update`.
 
   Args:
@@ -343,11 +375,22 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     learning_rate: a float or an optax schedule; None: from the quadratic model.
     momentum: heavy-ball momentum (a float, 0 for none, or a schedule); None:
       from the quadratic model.
-    damping: λ: a float or a schedule; with the quadratic model and
-      `adapt_damping`, a float, the initial value of the adapted λ.
+    damping: λ, the Tikhonov damping of `F + λI`: a float or a schedule;
+      with the quadratic model and `adapt_damping`, a float, the initial
+      value of the adapted λ. Start in [1e-3, 10] (the default, 1, suits
+      most networks whose loss is a mean over examples). Outside it, the
+      adaptive optimizer still trains: from a λ too small, the first steps
+      are rejected and λ rises 10-fold at each; from a λ too large, the
+      damping dominates the curvature and λ falls up to 10-fold a step at
+      first. A fixed
+      λ too small makes the direction follow the noise of the factors'
+      smallest eigenvalues (the trust region then shortens it); a fixed λ
+      too large makes K-FAC a slow gradient descent with step
+      `learning_rate / λ`.
     adapt_damping: adapt λ by the Levenberg-Marquardt rule (quadratic-model
       mode only).
-    damping_interval: T1, the steps between two adaptations of λ.
+    damping_interval: T1, the steps between two measurements of ρ (after
+      the first T1 steps, where every step is measured).
     min_damping: the floor of the adapted λ. With normalisation layers, whose
       scale-invariant weights leave the Fisher singular, keep λ + η away from
       0 (a floor, or the paper's `l2_reg`), or the quadratic model's momentum
@@ -358,6 +401,20 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       (section 6.6; the paper's T2 is 20): three inverse refreshes at those
       steps. None (the default): `γ = sqrt(λ + η)` always. Needs the
       quadratic model (`learning_rate` or `momentum` None).
+    reject_steps: with `adapt_damping`, reject a measured step whose loss
+      rose or is not finite (see above). False: every step is taken, as in
+      the paper.
+    kl_clip: with a fixed `learning_rate`, a trust region: the bound κ on
+      `(learning_rate / (1 - momentum))² Δ^T F̂ Δ`, the update's predicted
+      change in KL under the K-FAC curvature (`jkfac.scale_by_kl_clip`): a
+      longer preconditioned gradient `Δ` is shortened to the bound before
+      momentum. None (the default, for now): no trust region. 1e-2 keeps
+      learning rates up to 0.3 with momentum 0.9 and damping 1e-3 to 1e-2
+      from diverging on small MNIST MLPs and convnets, but binds on networks
+      whose loss sums many outputs (the MNIST autoencoder at learning rate
+      0.1, momentum 0.9, damping 10 takes steps 60-200 times past it), so it
+      is not yet the default. Unused when the learning rate comes from the
+      quadratic model.
     nesterov: use Nesterov momentum (fixed learning rate and momentum only).
     l2_reg: η, the coefficient of an L2 term `η/2 |θ|²` already in the loss;
       added to the damping, as in the paper's `γ = sqrt(λ + η)`.
@@ -398,6 +455,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
        "γ = sqrt(λ + η)."),
       (min_damping, lambda v: v > 0, "min_damping must be positive, got {}: the floor of "
        "the adapted λ; try 1e-8 (the default), or more with normalisation layers."),
+      (kl_clip, lambda v: v > 0, "kl_clip must be positive or None, got {}: the bound on "
+       "the update's predicted KL change; try 1e-2, or None for no trust region."),
   ])
   rate = _initial_value(learning_rate) if learning_rate is not None else None
   if rate is not None and not rate >= 0:
@@ -423,22 +482,30 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
                                  inverse_method=inverse_method, structure=structure,
                                  axis_name=axis_name, spread_inverses=spread_inverses,
                                  mesh=mesh)
+  clip = (trust_region.scale_by_kl_clip(kl_clip, learning_rate,
+                                        0.0 if momentum is None else momentum,
+                                        with_l2(damping))
+          if kl_clip is not None and learning_rate is not None else None)
   if learning_rate is not None and momentum is not None:
     fixed = optax.chain(
         preconditioner,
+        clip or optax.identity(),
         optax.trace(decay=momentum, nesterov=nesterov) if _python_number(momentum) != 0
         else optax.identity(),
         optax.scale_by_learning_rate(learning_rate))
+    fixed = _passing_grads(fixed)
     return _zero_step_if_not_finite(fixed) if skip_non_finite else fixed
   adapting = adapt_damping and not callable(damping)
   model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum, axis_name)
-  omega = (19.0 / 20.0) ** damping_interval
+  omega_step = jnp.asarray(19.0 / 20.0, est.factor_dtype)
   omega2 = math.sqrt(19.0 / 20.0) ** (gamma_interval or 1)
+  zero = lambda: jnp.zeros([], jnp.int32)
 
   def init_fn(params: Any) -> KFACState:
     lam = value_at(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
     return KFACState(preconditioner.init(params), model.init(params), lam,
-                     jnp.full([], jnp.nan, est.factor_dtype), jnp.sqrt(lam + l2_reg))
+                     jnp.full([], jnp.nan, est.factor_dtype), jnp.sqrt(lam + l2_reg),
+                     zero(), zero(), jnp.full([], damping_interval, jnp.int32))
 
   def update_fn(grads: Any, state: KFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, **extra_args):
@@ -451,13 +518,19 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     count = state.preconditioner.count
 
     def candidate(damping_now, refresh_now):  # γ² = damping_now
+      # Refreshed early when the inverses' damping is off by _DAMPING_DRIFT.
+      drift = damping_now / state.preconditioner.damping
+      refresh_now = refresh_now | (drift > _DAMPING_DRIFT) | (drift < 1.0 / _DAMPING_DRIFT)
       # The direction stays at least as wide as the factors until α scales it:
       # with half-precision parameters F̆^{-1}∇h can exceed float16's range.
-      wide = jax.tree_util.tree_map(
-          lambda g: g.astype(jnp.promote_types(g.dtype, est.factor_dtype)), grads)
+      wide = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, est.factor_dtype)),
+                          grads)
       direction, first = preconditioner.update(
           wide, state.preconditioner, params, stats=stats, refresh_now=refresh_now,
           damping_now=damping_now)
+      if clip is not None:  # a fixed α with the momentum from the model
+        direction, _ = clip.update(direction, trust_region.KLClipState(count, jnp.ones([])),
+                                    grads=grads)
       step, second = model.update(direction, state.quadratic_model, params, stats=stats,
                                   grads=grads, count=count, damping_now=lam)
       return step, first, second
@@ -465,21 +538,24 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     if gamma_interval is None:
       lam_now = lam if adapting else value_at(damping, count).astype(est.factor_dtype)
       gamma = jnp.sqrt(lam_now + l2_reg)
-      step, first, second = candidate(lam + l2_reg if adapting else None, False)
+      step, first, second = candidate(gamma ** 2, False)
     else:
       def rechoose(_):  # section 6.6: the γ whose update the quadratic model prefers
         outs = [candidate((state.gamma * f) ** 2, True) for f in (omega2, 1.0, 1.0 / omega2)]
         changes = jnp.stack([o[2].predicted_change for o in outs])
         best = jnp.argmin(jnp.where(jnp.isfinite(changes), changes, jnp.inf))
         pick = lambda *xs: jnp.where(best == 0, xs[0], jnp.where(best == 1, xs[1], xs[2]))
-        chosen = jax.tree_util.tree_map(pick, *outs)
+        chosen = jax.tree.map(pick, *outs)
         return chosen, pick(*[state.gamma * f for f in (omega2, 1.0, 1.0 / omega2)])
 
       (step, first, second), gamma = jax.lax.cond(
           (count + 1) % gamma_interval == 0, rechoose,
           lambda _: (candidate(state.gamma ** 2, False), state.gamma), None)
     if not adapting:
-      return step, KFACState(first, second, state.damping, state.reduction_ratio, gamma)
+      return step, state._replace(preconditioner=first, quadratic_model=second, gamma=gamma)
+
+    probing = count < state.measure_until
+    measured = probing | ((count + 1) % damping_interval == 0)
 
     def measure(_):  # on the examples the quadratic model was built on
       loss_at = stats.extras["loss_at"]
@@ -488,16 +564,41 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       change = new_loss.astype(est.factor_dtype) - old_loss.astype(est.factor_dtype)
       if axis_name is not None:
         change = jax.lax.pmean(change, axis_name)
-      return change / second.predicted_change
+      return change
 
-    rho = jax.lax.cond((count + 1) % damping_interval == 0, measure,
-                       lambda _: jnp.full([], jnp.nan, est.factor_dtype), None)
-    new_lam = jnp.where(rho < 0.25, lam / omega, jnp.where(rho > 0.75, lam * omega, lam))
-    new_lam = jnp.clip(jnp.where(jnp.isfinite(rho), new_lam, lam), min_damping, _MAX_DAMPING)
-    return step, KFACState(first, second, new_lam.astype(lam.dtype),
-                           jnp.where(jnp.isfinite(rho), rho, state.reduction_ratio), gamma)
+    change = jax.lax.cond(measured, measure,
+                          lambda _: jnp.full([], jnp.nan, est.factor_dtype), None)
+    rho = change / second.predicted_change
+    rejected = measured & (~jnp.isfinite(change) | (change > 0)) if reject_steps else (
+        jnp.zeros([], bool))
+    omega = jnp.where(probing, omega_step, omega_step ** damping_interval)
+    new_lam, streak = adaptive.levenberg_marquardt(lam, state.damping_streak, rho, rejected,
+                                                   measured, omega, second.damping_share)
+    new_lam = jnp.clip(new_lam, min_damping, _MAX_DAMPING).astype(lam.dtype)
+    # A rejected step: no step, the momentum's previous update kept, and the
+    # inverses damped with the raised λ (also γ, when it is re-chosen).
+    step = jax.tree.map(lambda s: jnp.where(rejected, jnp.zeros_like(s), s), step)
+    second = second._replace(previous_update=jax.tree.map(
+        lambda new, old: jnp.where(rejected, old, new), second.previous_update,
+        state.quadratic_model.previous_update))
+    if gamma_interval is not None:
+      gamma = jnp.where(rejected, jnp.maximum(gamma, jnp.sqrt(new_lam + l2_reg)), gamma)
+    return step, KFACState(
+        first, second, new_lam, jnp.where(jnp.isfinite(rho), rho, state.reduction_ratio),
+        gamma, state.rejected_steps + rejected.astype(jnp.int32), streak,
+        jnp.where(rejected, count + 1 + damping_interval, state.measure_until))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _passing_grads(chain: optax.GradientTransformationExtraArgs
+                   ) -> optax.GradientTransformationExtraArgs:
+  """`chain`, whose update passes the raw gradient on as `grads=` (for the trust region)."""
+
+  def update_fn(grads, state, params=None, **extra_args):
+    return chain.update(grads, state, params, **{"grads": grads, **extra_args})
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
 _MAX_DAMPING = 1e8
