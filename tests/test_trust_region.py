@@ -22,15 +22,10 @@ def _problem():
   return params, est, grads, stats
 
 
-def _dense_kfac_curvature(stats, name, damping):
-  """`(A + π√λ I) ⊗ (G + √λ/π I) - λI`, formed explicitly: the damped K-FAC
-  block less its pure damping term (the model's change, with the
-  non-negative cross terms of factored damping)."""
+def _dense_kfac_curvature(stats, name):
+  """The undamped K-FAC block `A ⊗ G` of the batch, formed explicitly."""
   a, g = (np.asarray(stats.factors[name][k]) for k in ("A", "G"))
-  pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
-  root = np.sqrt(damping)
-  damped = np.kron(a + pi * root * np.eye(a.shape[0]), g + root / pi * np.eye(g.shape[0]))
-  return damped - damping * np.eye(damped.shape[0])
+  return np.kron(a, g)
 
 
 def _flat(layer):  # [w; b] row-major, as the Kronecker product's vec
@@ -39,10 +34,10 @@ def _flat(layer):  # [w; b] row-major, as the Kronecker product's vec
 
 def test_the_predicted_kl_is_the_kfac_quadratic_form_and_is_clipped_to_the_bound():
   params, est, grads, stats = _problem()
-  precondition = jkfac.scale_by_kfac(est, damping=DAMPING)
+  precondition = jkfac.scale_by_kfac(est, damping=DAMPING)  # the direction Δ
   direction, _ = precondition.update(grads, precondition.init(params), params, stats=stats)
   rate = 0.7
-  quadratic_form = sum(_flat(direction[n]) @ _dense_kfac_curvature(stats, n, DAMPING)
+  quadratic_form = sum(_flat(direction[n]) @ _dense_kfac_curvature(stats, n)
                        @ _flat(direction[n]) for n in ("l0", "l1"))
   predicted = rate ** 2 * quadratic_form
   for bound, scale in ((0.25 * predicted, 0.5), (2.0 * predicted, 1.0)):
@@ -53,7 +48,7 @@ def test_the_predicted_kl_is_the_kfac_quadratic_form_and_is_clipped_to_the_bound
     diag = jkfac.diagnostics(est, state)
     np.testing.assert_allclose(diag.overall["kl_clip_scale"], scale, rtol=1e-6)
     # The step taken has its predicted KL at most the bound, equal when clipped.
-    taken = sum(_flat(updates[n]) @ _dense_kfac_curvature(stats, n, DAMPING) @ _flat(updates[n])
+    taken = sum(_flat(updates[n]) @ _dense_kfac_curvature(stats, n) @ _flat(updates[n])
                 for n in ("l0", "l1"))
     np.testing.assert_allclose(taken, min(bound, predicted), rtol=1e-9)
   # With momentum μ, the effective learning rate η/(1 - μ) is bounded.
@@ -74,14 +69,33 @@ def test_no_trust_region_with_kl_clip_none_or_an_adaptive_learning_rate():
   assert "kl_clip_scale" not in jkfac.diagnostics(est, state).overall
   assert "kl_clip_scale" not in jkfac.diagnostics(est, jkfac.kfac(est).init(params)).overall
   default = jkfac.kfac(est, learning_rate=10.0, momentum=0.0, damping=DAMPING)
-  assert not isinstance(default.init(params)[1], jkfac.KLClipState)  # off by default
+  assert isinstance(default.init(params)[1], jkfac.KLClipState)  # on by default
 
 
-def test_scale_by_kl_clip_needs_the_gradient():
-  tx = jkfac.scale_by_kl_clip(1e-2, 0.1)
-  params = {"w": jnp.ones(3)}
-  with pytest.raises(ValueError, match="needs the raw gradient.*grads=grads"):
+def test_scale_by_kl_clip_needs_the_statistics():
+  params, est, _, _ = _problem()
+  tx = jkfac.scale_by_kl_clip(est, 1e-2, 0.1)
+  with pytest.raises(ValueError, match="needs the batch's statistics.*stats=stats"):
     tx.update(params, tx.init(params), params)
+
+
+def test_the_quadratic_form_of_every_block_kind_equals_its_dense_curvature():
+  # Dense (Kronecker), and a fallback (diagonal) parameter: a scale on the output.
+  params = {"net": bf.mlp_params(KEY, SIZES), "s": {"scale": jnp.ones(SIZES[-1], jnp.float64)}}
+  x, y = bf.classification_data(24, SIZES[0], SIZES[-1])
+  loss_fn = lambda p, x, y: jkfac.softmax_cross_entropy(
+      bf.mlp_forward(p["net"], x) * p["s"]["scale"] ** 2, y)
+  est = jkfac.estimator(loss_fn, params, x, y, mode="exact")
+  _, grads, stats = est(params, x, y)
+  value = jkfac.trust_region.kfac_quadratic_form(est, stats.factors, grads)
+  dense = [l.name for l in est.layers if l.kind == "dense"]
+  expected = sum(_flat(grads["net"][n.split("/")[-1]]) @ _dense_kfac_curvature(stats, n)
+                 @ _flat(grads["net"][n.split("/")[-1]]) for n in dense)
+  (diagonal,) = [l.name for l in est.layers if l.kind == "diagonal"]
+  expected += np.sum(np.asarray(stats.factors[diagonal]["diag"])
+                     * np.asarray(grads["s"]["scale"]) ** 2)
+  assert len(dense) == 2
+  np.testing.assert_allclose(value, expected, rtol=1e-10)
 
 
 def _diverging_run(kl_clip):

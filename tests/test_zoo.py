@@ -398,6 +398,8 @@ def _default_damping() -> Optional[float]:
   optimizer from that damping, else None."""
   defaults = {name: p.default for name, p in inspect.signature(jkfac.kfac).parameters.items()}
   damping = defaults.get("damping")
+  if damping is None:  # the default of the optimizer's form
+    damping = jkfac.transform.ADAPTIVE_DAMPING
   adaptive = defaults.get("learning_rate", 0) is None or defaults.get("momentum", 0) is None
   return float(damping) if adaptive and isinstance(damping, (int, float)) else None
 
@@ -446,19 +448,12 @@ def _row(model: str, setting, losses: np.ndarray, problem: Optional[str]) -> str
           f"{problem or ''}")
 
 
-# Issue 13 (open): a fixed learning rate at the default damping (1.0) is too
-# slow at 0.01 on every model, and 0.3 still diverges on some without a trust
-# region (kl_clip is not on by default yet). Strict: a fix turns these red.
-FIXED_PENDING = pytest.mark.xfail(
-    strict=True, reason="issue 13: fixed learning rates at the default damping and "
-    "without a default trust region do not pass the zoo yet")
 pytestmark = pytest.mark.skipif(
     os.environ.get("JKFAC_SKIP_ZOO") == "1",
     reason="JKFAC_SKIP_ZOO=1: the zoo ran in the newest-JAX suite (CI time)")
 
 
-@pytest.mark.parametrize("group", [pytest.param(g, marks=FIXED_PENDING) if g == "fixed" else g
-                                   for g in GROUPS])
+@pytest.mark.parametrize("group", list(GROUPS))
 @pytest.mark.parametrize("model", list(MODELS))
 def test_zoo_trains(model, group):
   """Every setting of the group trains `model`: losses finite, none above

@@ -326,15 +326,20 @@ class KFACState(NamedTuple):
   measure_until: Array
 
 
+ADAPTIVE_DAMPING = 1.0
+"""`kfac`'s default initial λ with the quadratic model (adapted from there)."""
+FIXED_DAMPING = 3e-3
+"""`kfac`'s default λ with a fixed learning rate and momentum."""
 _DAMPING_DRIFT = 2.0
 """The inverses are refreshed early when their damping is off by this factor."""
 
 
 def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
-         momentum: Optional[ScalarOrSchedule] = None, damping: ScalarOrSchedule = 1.0, *,
+         momentum: Optional[ScalarOrSchedule] = None,
+         damping: Optional[ScalarOrSchedule] = None, *,
          adapt_damping: bool = True, damping_interval: int = 5,
          min_damping: float = 1e-8, gamma_interval: Optional[int] = None,
-         reject_steps: bool = True, kl_clip: Optional[float] = None,
+         reject_steps: bool = True, kl_clip: Optional[float] = 1e-2,
          nesterov: bool = False, l2_reg: float = 0.0, decay: float = 0.95,
          inverse_every: int = 20, inverse_warmup: int = 3,
          inverse_method: str = "cholesky", structure: str = "block_diagonal",
@@ -345,8 +350,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
 
   With both `learning_rate` and `momentum` given, this is
   `optax.chain(scale_by_kfac(...), scale_by_kl_clip(...), optax.trace(momentum),
-  scale(-learning_rate))`: K-FAC with a fixed step, optionally inside a trust
-  region (see `kl_clip`).
+  scale(-learning_rate))`: K-FAC with a fixed step inside a trust region
+  (see `kl_clip`).
 
   With either left as None (the default), it is chosen at every step by
   minimising the quadratic model of the loss over the K-FAC direction and
@@ -377,16 +382,17 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       from the quadratic model.
     damping: λ, the Tikhonov damping of `F + λI`: a float or a schedule;
       with the quadratic model and `adapt_damping`, a float, the initial
-      value of the adapted λ. Start in [1e-3, 10] (the default, 1, suits
-      most networks whose loss is a mean over examples). Outside it, the
+      value of the adapted λ. None (the default): 1.0 (`ADAPTIVE_DAMPING`)
+      with the quadratic model, 3e-3 (`FIXED_DAMPING`) with a fixed learning
+      rate and momentum. Start the adapted λ in [1e-3, 10]; outside it the
       adaptive optimizer still trains: from a λ too small, the first steps
       are rejected and λ rises 10-fold at each; from a λ too large, the
       damping dominates the curvature and λ falls up to 10-fold a step at
-      first. A fixed
-      λ too small makes the direction follow the noise of the factors'
-      smallest eigenvalues (the trust region then shortens it); a fixed λ
-      too large makes K-FAC a slow gradient descent with step
-      `learning_rate / λ`.
+      first. A fixed λ too small makes the direction follow the noise of the
+      factors' smallest eigenvalues (the trust region then shortens it); a
+      fixed λ too large makes K-FAC a slow gradient descent with step
+      `learning_rate / λ` (at 1.0, a learning rate of 0.01 barely moves a
+      classifier in 30 steps).
     adapt_damping: adapt λ by the Levenberg-Marquardt rule (quadratic-model
       mode only).
     damping_interval: T1, the steps between two measurements of ρ (after
@@ -404,17 +410,18 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     reject_steps: with `adapt_damping`, reject a measured step whose loss
       rose or is not finite (see above). False: every step is taken, as in
       the paper.
-    kl_clip: with a fixed `learning_rate`, a trust region: the bound κ on
+    kl_clip: with a fixed `learning_rate`, the trust region's bound κ on
       `(learning_rate / (1 - momentum))² Δ^T F̂ Δ`, the update's predicted
-      change in KL under the K-FAC curvature (`jkfac.scale_by_kl_clip`): a
-      longer preconditioned gradient `Δ` is shortened to the bound before
-      momentum. None (the default, for now): no trust region. 1e-2 keeps
-      learning rates up to 0.3 with momentum 0.9 and damping 1e-3 to 1e-2
-      from diverging on small MNIST MLPs and convnets, but binds on networks
-      whose loss sums many outputs (the MNIST autoencoder at learning rate
-      0.1, momentum 0.9, damping 10 takes steps 60-200 times past it), so it
-      is not yet the default. Unused when the learning rate comes from the
-      quadratic model.
+      change in KL (nats per example) under the undamped K-FAC curvature of
+      the batch (`jkfac.scale_by_kl_clip`): a longer preconditioned gradient
+      `Δ` is shortened to the bound before momentum. The default 1e-2 keeps
+      learning rates 0.01 to 0.3 with momentum 0.9 from diverging on
+      classifiers (MLPs, convnets, RNNs, transformers; `tests/test_zoo.py`);
+      a loss that sums many outputs (an autoencoder's 784 pixels) takes
+      larger steps in KL and may want a larger bound. Costs one product with
+      the factors per layer (and under `pmap` an all-reduce of the batch's
+      factors) per update. None: no trust region. Unused when the learning
+      rate comes from the quadratic model.
     nesterov: use Nesterov momentum (fixed learning rate and momentum only).
     l2_reg: η, the coefficient of an L2 term `η/2 |θ|²` already in the loss;
       added to the damping, as in the paper's `γ = sqrt(λ + η)`.
@@ -458,6 +465,9 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       (kl_clip, lambda v: v > 0, "kl_clip must be positive or None, got {}: the bound on "
        "the update's predicted KL change; try 1e-2, or None for no trust region."),
   ])
+  fixed_step = learning_rate is not None and momentum is not None
+  if damping is None:
+    damping = FIXED_DAMPING if fixed_step else ADAPTIVE_DAMPING
   rate = _initial_value(learning_rate) if learning_rate is not None else None
   if rate is not None and not rate >= 0:
     raise ValueError(f"learning_rate must be non-negative, got {learning_rate}: kfac "
@@ -482,18 +492,16 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
                                  inverse_method=inverse_method, structure=structure,
                                  axis_name=axis_name, spread_inverses=spread_inverses,
                                  mesh=mesh)
-  clip = (trust_region.scale_by_kl_clip(kl_clip, learning_rate,
-                                        0.0 if momentum is None else momentum,
-                                        with_l2(damping))
+  clip = (trust_region.scale_by_kl_clip(est, kl_clip, learning_rate,
+                                        0.0 if momentum is None else momentum, axis_name)
           if kl_clip is not None and learning_rate is not None else None)
-  if learning_rate is not None and momentum is not None:
+  if fixed_step:
     fixed = optax.chain(
         preconditioner,
         clip or optax.identity(),
         optax.trace(decay=momentum, nesterov=nesterov) if _python_number(momentum) != 0
         else optax.identity(),
         optax.scale_by_learning_rate(learning_rate))
-    fixed = _passing_grads(fixed)
     return _zero_step_if_not_finite(fixed) if skip_non_finite else fixed
   adapting = adapt_damping and not callable(damping)
   model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum, axis_name)
@@ -530,7 +538,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
           damping_now=damping_now)
       if clip is not None:  # a fixed α with the momentum from the model
         direction, _ = clip.update(direction, trust_region.KLClipState(count, jnp.ones([])),
-                                    grads=grads)
+                                    stats=stats)
       step, second = model.update(direction, state.quadratic_model, params, stats=stats,
                                   grads=grads, count=count, damping_now=lam)
       return step, first, second
@@ -589,16 +597,6 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
         jnp.where(rejected, count + 1 + damping_interval, state.measure_until))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _passing_grads(chain: optax.GradientTransformationExtraArgs
-                   ) -> optax.GradientTransformationExtraArgs:
-  """`chain`, whose update passes the raw gradient on as `grads=` (for the trust region)."""
-
-  def update_fn(grads, state, params=None, **extra_args):
-    return chain.update(grads, state, params, **{"grads": grads, **extra_args})
-
-  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
 _MAX_DAMPING = 1e8
