@@ -10,32 +10,19 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import io
 import pathlib
-import sys
 import tarfile
 
 import numpy as np
 import pytest
 
+import repo_modules
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_MODULE_PATH = REPO_ROOT / "benchmarks" / "datasets.py"
 
 
-def _import_datasets():
-    """Import benchmarks/datasets.py under a private name (benchmarks is not a package)."""
-    name = "jkfac_benchmarks_datasets"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _MODULE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ds = _import_datasets()
+ds = repo_modules.load("benchmarks/datasets.py", "jkfac_benchmarks_datasets")
 
 MNIST_TRAIN_IMAGES_MD5 = "6bbc9ace898e44ae57da46a324031adb"
 

@@ -9,7 +9,6 @@ stopped firing would be noticed.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import os
 import pathlib
@@ -21,6 +20,7 @@ from typing import Optional
 import pytest
 
 import jkfac
+import repo_modules
 
 pytestmark = pytest.mark.skipif(os.environ.get("JKFAC_SKIP_DOCS_AND_NOTEBOOKS") == "1",
                                 reason="JKFAC_SKIP_DOCS_AND_NOTEBOOKS=1: the docs build "
@@ -29,18 +29,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("JKFAC_SKIP_DOCS_AND_NOTEBOOKS") 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load_build():
-  """docs/build.py as a module (docs/ is not a package)."""
-  name = "jkfac_docs_build"
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "docs" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
-
-
-build = _load_build()
+build = repo_modules.load("docs/build.py", "jkfac_docs_build")
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,6 @@ exists for every model).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import math
 import os
@@ -59,6 +58,7 @@ import optax
 import pytest
 
 import jkfac
+import repo_modules
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -73,13 +73,7 @@ CLASSES = 10
 
 def _datasets():
   """benchmarks/datasets.py, imported under the name the other tests use."""
-  name = "jkfac_benchmarks_datasets"
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / "datasets.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
+  return repo_modules.load("benchmarks/datasets.py", "jkfac_benchmarks_datasets")
 
 
 @functools.cache
@@ -260,12 +254,16 @@ class Zoo(NamedTuple):
   has_aux: bool = False
 
 
-def _cnn() -> Zoo:
-  model = CNN()
+def _linen_classifier(model: nn.Module) -> Zoo:
+  """A flax linen classifier on MNIST: `loss_fn(params, x, y)`, no model state."""
   def loss_fn(params, x, y):
     return jkfac.softmax_cross_entropy(model.apply(params, x), y)
   return Zoo("mnist", lambda key, x: (model.init(key, x), ()), loss_fn,
              lambda state, x, y, key: (x, y))
+
+
+def _cnn() -> Zoo:
+  return _linen_classifier(CNN())
 
 
 def _mlp() -> Zoo:
@@ -288,19 +286,11 @@ def _resnet(**kwargs) -> Zoo:
 
 
 def _transformer() -> Zoo:
-  model = Transformer()
-  def loss_fn(params, x, y):
-    return jkfac.softmax_cross_entropy(model.apply(params, x), y)
-  return Zoo("mnist", lambda key, x: (model.init(key, x), ()), loss_fn,
-             lambda state, x, y, key: (x, y))
+  return _linen_classifier(Transformer())
 
 
 def _rnn() -> Zoo:
-  model = RNN()
-  def loss_fn(params, x, y):
-    return jkfac.softmax_cross_entropy(model.apply(params, x), y)
-  return Zoo("mnist", lambda key, x: (model.init(key, x), ()), loss_fn,
-             lambda state, x, y, key: (x, y))
+  return _linen_classifier(RNN())
 
 
 def _dropout() -> Zoo:
