@@ -19,9 +19,6 @@ import pytest
 
 import repo_modules
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
 ds = repo_modules.load("benchmarks/datasets.py", "jkfac_benchmarks_datasets")
 
 MNIST_TRAIN_IMAGES_MD5 = "6bbc9ace898e44ae57da46a324031adb"
