@@ -505,7 +505,6 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     return _zero_step_if_not_finite(fixed) if skip_non_finite else fixed
   adapting = adapt_damping and not callable(damping)
   model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum, axis_name)
-  omega_step = jnp.asarray(19.0 / 20.0, est.factor_dtype)
   omega2 = math.sqrt(19.0 / 20.0) ** (gamma_interval or 1)
   zero = lambda: jnp.zeros([], jnp.int32)
 
@@ -577,9 +576,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     change = jax.lax.cond(measured, measure,
                           lambda _: jnp.full([], jnp.nan, est.factor_dtype), None)
     rho = change / second.predicted_change
-    rejected = measured & (~jnp.isfinite(change) | (change > 0)) if reject_steps else (
-        jnp.zeros([], bool))
-    omega = jnp.where(probing, omega_step, omega_step ** damping_interval)
+    rejected = measured & (~jnp.isfinite(change) | (change > 0)) & reject_steps
+    omega = jnp.where(probing, 19.0 / 20.0, (19.0 / 20.0) ** damping_interval).astype(lam.dtype)
     new_lam, streak = adaptive.levenberg_marquardt(lam, state.damping_streak, rho, rejected,
                                                    measured, omega, second.damping_share)
     new_lam = jnp.clip(new_lam, min_damping, _MAX_DAMPING).astype(lam.dtype)
