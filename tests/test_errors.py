@@ -73,18 +73,19 @@ def test_loss_inside_a_branch(loss_fn, primitive):
     jkfac.estimator(loss_fn, PARAMS, X, Y)
 
 
-def _tagged_in_scan(p, x, y):
-  def body(h, _):
-    return jnp.tanh(jkfac.register_dense(h @ p["w"], h, p["w"])), None
-  h, _ = jax.lax.scan(body, x @ p["w_in"], None, length=2)
+def _tagged_in_while(p, x, y):
+  def body(_, h):
+    return jnp.tanh(jkfac.register_dense(h @ p["w"], h, p["w"]))
+  h = jax.lax.fori_loop(0, y[0] + 2, body, x @ p["w_in"])  # a traced bound: a while loop
   return jkfac.softmax_cross_entropy(h @ p["w_out"], y)
 
 
 def test_layer_tag_inside_a_loop():
   params = {"w_in": jnp.ones((X.shape[1], 4)), "w": jnp.eye(4), "w_out": jnp.ones((4, 3))}
-  with pytest.raises(ValueError, match="(?s)layer tag.*inside a `scan`.*does not look inside "
-                                       "control flow.*Tag the layer outside it"):
-    jkfac.estimator(_tagged_in_scan, params, X, Y)
+  with pytest.raises(ValueError, match="(?s)layer tag.*inside a `while`.*does not look inside "
+                                       "control flow other than lax.scan.*Tag the layer "
+                                       "outside it"):
+    jkfac.estimator(_tagged_in_while, params, X, Y)
 
 
 def test_non_scalar_loss():

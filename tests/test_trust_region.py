@@ -22,23 +22,43 @@ def _problem():
   return params, est, grads, stats
 
 
-def _dense_kfac_curvature(stats, name):
-  """The undamped K-FAC block `A ⊗ G` of the batch, formed explicitly."""
-  a, g = (np.asarray(stats.factors[name][k]) for k in ("A", "G"))
-  return np.kron(a, g)
+def _flat(tree):
+  return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
 
 
-def _flat(layer):  # [w; b] row-major, as the Kronecker product's vec
+def _direction(est, params, grads, stats):
+  """Δ = F̆^{-1} ∇h, the preconditioner's output, and its state's factors."""
+  precondition = jkfac.scale_by_kfac(est, damping=DAMPING)
+  direction, state = precondition.update(grads, precondition.init(params), params, stats=stats)
+  return direction, state
+
+
+def _damped_kfac_matrix(factors, gamma):
+  """`(A + πγ I) ⊗ (G + γ/π I)` for one dense layer, formed explicitly (section 6.3)."""
+  a, g = (np.asarray(factors[k]) for k in ("A", "G"))
+  pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+  return np.kron(a + pi * gamma * np.eye(len(a)), g + gamma / pi * np.eye(len(g)))
+
+
+def _layer_vec(layer):  # [w; b] row-major, as the Kronecker product's vec
   return np.concatenate([np.asarray(layer["w"]), np.asarray(layer["b"])[None]]).reshape(-1)
 
 
-def test_the_predicted_kl_is_the_kfac_quadratic_form_and_is_clipped_to_the_bound():
+def test_the_predicted_kl_is_the_damped_kfac_quadratic_form_and_is_clipped_to_the_bound():
   params, est, grads, stats = _problem()
-  precondition = jkfac.scale_by_kfac(est, damping=DAMPING)  # the direction Δ
-  direction, _ = precondition.update(grads, precondition.init(params), params, stats=stats)
+  direction, state = _direction(est, params, grads, stats)
+  # Δ^T ∇h is Δ^T F̆ Δ with F̆ the damped Kronecker blocks the inverses came from,
+  # and bounds the undamped form Δ^T (A ⊗ G) Δ from above.
+  damped = undamped = 0.0
+  for name in ("l0", "l1"):
+    factors = state.factors[name]
+    vec = _layer_vec(direction[name])
+    damped += vec @ _damped_kfac_matrix(factors, np.sqrt(DAMPING)) @ vec
+    undamped += vec @ np.kron(factors["A"], factors["G"]) @ vec
+  quadratic_form = _flat(direction) @ _flat(grads)
+  np.testing.assert_allclose(quadratic_form, damped, rtol=1e-8)
+  assert 0 < undamped < quadratic_form
   rate = 0.7
-  quadratic_form = sum(_flat(direction[n]) @ _dense_kfac_curvature(stats, n)
-                       @ _flat(direction[n]) for n in ("l0", "l1"))
   predicted = rate ** 2 * quadratic_form
   for bound, scale in ((0.25 * predicted, 0.5), (2.0 * predicted, 1.0)):
     tx = jkfac.kfac(est, learning_rate=rate, momentum=0.0, damping=DAMPING, kl_clip=bound)
@@ -48,8 +68,7 @@ def test_the_predicted_kl_is_the_kfac_quadratic_form_and_is_clipped_to_the_bound
     diag = jkfac.diagnostics(est, state)
     np.testing.assert_allclose(diag.overall["kl_clip_scale"], scale, rtol=1e-6)
     # The step taken has its predicted KL at most the bound, equal when clipped.
-    taken = sum(_flat(updates[n]) @ _dense_kfac_curvature(stats, n) @ _flat(updates[n])
-                for n in ("l0", "l1"))
+    taken = (_flat(updates) @ _flat(grads)) ** 2 / quadratic_form  # (ν η)² Δ^T F̆ Δ
     np.testing.assert_allclose(taken, min(bound, predicted), rtol=1e-9)
   # With momentum μ, the effective learning rate η/(1 - μ) is bounded.
   tx = jkfac.kfac(est, learning_rate=rate, momentum=0.5, damping=DAMPING,
@@ -57,6 +76,38 @@ def test_the_predicted_kl_is_the_kfac_quadratic_form_and_is_clipped_to_the_bound
   updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
   jax.tree.map(lambda u, d: np.testing.assert_allclose(u, -rate * 0.5 * d, rtol=1e-10),
                updates, direction)
+
+
+def test_the_bound_is_per_predicted_variable():
+  # A Bernoulli output of 5 pixels per example, summed (weight 1) or averaged
+  # (weight 1/5): 5 and 1 predicted variables per term.
+  params = bf.mlp_params(KEY, (3, 6, 5))
+  x, _ = bf.classification_data(24, 3, 5)
+  targets = (x[:, :1] + jnp.arange(5.0) > 1.0).astype(x.dtype)
+  for weight, variables in ((1.0, 5.0), (0.2, 1.0)):
+    loss_fn = lambda p, x, t, w=weight: jkfac.sigmoid_cross_entropy(bf.mlp_forward(p, x), t, w)
+    est = jkfac.estimator(loss_fn, params, x, targets, mode="exact")
+    assert jkfac.trust_region.predicted_variables(est.losses) == pytest.approx(variables)
+    _, grads, stats = est(params, x, targets)
+    direction, _ = _direction(est, params, grads, stats)
+    per_variable = _flat(direction) @ _flat(grads) / variables
+    tx = jkfac.kfac(est, learning_rate=1.0, momentum=0.0, damping=DAMPING,
+                    kl_clip=per_variable / 9)
+    updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+    jax.tree.map(lambda u, d: np.testing.assert_allclose(u, -d / 3, rtol=1e-10),
+                 updates, direction)
+
+
+@pytest.mark.parametrize("shape,distribution,weight,variables", [
+    ((8, 10), "categorical", 1.0, 1),          # a classifier
+    ((8, 16, 50), "categorical", 1.0, 1),      # a language model's per-token loss
+    ((8, 784), "bernoulli", 1.0, 784),         # the autoencoder's summed pixels
+    ((8, 4, 3), "gaussian", 0.5, 6),           # half of 12 outputs
+])
+def test_predicted_variables_by_distribution(shape, distribution, weight, variables):
+  loss = jkfac.tracing.Loss(0, distribution, weight, shape)
+  assert jkfac.trust_region.predicted_variables([loss]) == variables
+  assert jkfac.trust_region.predicted_variables([loss, loss]) == 2 * variables
 
 
 def test_no_trust_region_with_kl_clip_none_or_an_adaptive_learning_rate():
@@ -72,30 +123,13 @@ def test_no_trust_region_with_kl_clip_none_or_an_adaptive_learning_rate():
   assert isinstance(default.init(params)[1], jkfac.KLClipState)  # on by default
 
 
-def test_scale_by_kl_clip_needs_the_statistics():
-  params, est, _, _ = _problem()
-  tx = jkfac.scale_by_kl_clip(est, 1e-2, 0.1)
-  with pytest.raises(ValueError, match="needs the batch's statistics.*stats=stats"):
-    tx.update(params, tx.init(params), params)
-
-
-def test_the_quadratic_form_of_every_block_kind_equals_its_dense_curvature():
-  # Dense (Kronecker), and a fallback (diagonal) parameter: a scale on the output.
-  params = {"net": bf.mlp_params(KEY, SIZES), "s": {"scale": jnp.ones(SIZES[-1], jnp.float64)}}
-  x, y = bf.classification_data(24, SIZES[0], SIZES[-1])
-  loss_fn = lambda p, x, y: jkfac.softmax_cross_entropy(
-      bf.mlp_forward(p["net"], x) * p["s"]["scale"] ** 2, y)
-  est = jkfac.estimator(loss_fn, params, x, y, mode="exact")
-  _, grads, stats = est(params, x, y)
-  value = jkfac.trust_region.kfac_quadratic_form(est, stats.factors, grads)
-  dense = [l.name for l in est.layers if l.kind == "dense"]
-  expected = sum(_flat(grads["net"][n.split("/")[-1]]) @ _dense_kfac_curvature(stats, n)
-                 @ _flat(grads["net"][n.split("/")[-1]]) for n in dense)
-  (diagonal,) = [l.name for l in est.layers if l.kind == "diagonal"]
-  expected += np.sum(np.asarray(stats.factors[diagonal]["diag"])
-                     * np.asarray(grads["s"]["scale"]) ** 2)
-  assert len(dense) == 2
-  np.testing.assert_allclose(value, expected, rtol=1e-10)
+def test_scale_by_kl_clip_needs_the_gradient():
+  params, _, grads, _ = _problem()
+  tx = jkfac.scale_by_kl_clip(1e-2, 0.1)
+  with pytest.raises(ValueError, match="needs the gradient that was preconditioned.*grads=grads"):
+    tx.update(grads, tx.init(params), params)
+  with pytest.raises(ValueError, match="grads= must have the structure of the updates"):
+    tx.update(grads, tx.init(params), params, grads=grads["l0"])
 
 
 def _diverging_run(kl_clip):

@@ -177,7 +177,7 @@ class Estimator:
           output_grads=[output_grads[u.id] for u in layer_uses],
           gradient_moment=moments.get(layer.name),
           dtype=self.factor_dtype)
-      factors[layer.name] = blocks.get(layer.kind).statistics(layer, captures)
+      factors[layer.name] = blocks.for_layer(layer).statistics(layer, captures)
     for chain in self.chains:
       for i, j in zip(chain[:-1], chain[1:]):
         ids = [uses[i][0].id, uses[j][0].id]
@@ -200,7 +200,7 @@ class Estimator:
                     for uses in self.uses for u in uses}
     moments = {}
     for layer in self.layers:
-      block = blocks.get(layer.kind)
+      block = blocks.for_layer(layer)
       if block.needs == "per_example_gradients":
         moments[layer.name] = block.gradient_moment(
             [jnp.zeros((1,) + p.shape, dtype) for p in layer.params], dtype)
@@ -350,7 +350,7 @@ class Estimator:
     example, vmapped over the batch), with the curvature pass's cotangents,
     with respect to those layers' parameters only.
     """
-    layers = [l for l in self.layers if blocks.get(l.kind).needs == "per_example_gradients"]
+    layers = [l for l in self.layers if blocks.for_layer(l).needs == "per_example_gradients"]
     if not layers:
       return {}
     indices = [p.index for layer in layers for p in layer.params]
@@ -369,7 +369,7 @@ class Estimator:
 
       _, vjp_fn = jax.vjp(predictions, [flat_params[i] for i in indices])
       per_pass = dict(zip(indices, jax.vmap(lambda c: vjp_fn(c)[0])(example_cots)))
-      return [blocks.get(l.kind).gradient_moment([per_pass[p.index] for p in l.params],
+      return [blocks.for_layer(l).gradient_moment([per_pass[p.index] for p in l.params],
                                                  self.factor_dtype) for l in layers]
 
     split_args = [a[:, None] if b else a for a, b in zip(flat_args, batched)]
@@ -484,7 +484,7 @@ class Estimator:
     for i, layer in enumerate(self.layers):
       params = ", ".join(f"{p.role or 'param'} {p.shape}" for p in layer.params)
       rows.append((str(i), layer.name, layer.kind, params,
-                   blocks.get(layer.kind).describe(layer), layer.note))
+                   blocks.for_layer(layer).describe(layer), layer.note))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = [f"jkfac estimator (mode={self.mode!r}): {len(self.layers)} layers, "
              f"{len(self.losses)} loss(es)"]

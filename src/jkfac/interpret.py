@@ -8,7 +8,9 @@ and which are the predictions and targets of registered losses. `run`
 evaluates the plan with public JAX only: each equation is re-bound with
 `primitive.bind`, and `jit`, `remat` and custom-derivative calls that contain
 layers are evaluated inline (a `remat` stays a `jax.checkpoint`, so the
-memory saving is kept).
+memory saving is kept), and a `scan` whose body holds layers stays a
+`jax.lax.scan`: its layers' perturbations are scanned over with the inputs and
+their captured inputs stacked with the outputs.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 from jax.extend.core import Jaxpr, Literal, Var
 
 Array = jax.Array
 
 INLINE = "inline"
 CHECKPOINT = "checkpoint"
+SCAN = "scan"
 
 
 @dataclasses.dataclass
@@ -40,6 +44,10 @@ class Plan:
     losses: (loss id, prediction variable, target variable) triples.
     nested: equation index -> (how to evaluate, plan of its inner jaxpr), for
       higher-order equations that contain layers or losses.
+    scan_axis: for the plan of a `scan` body, use id -> the axis of that
+      use's perturbation and captured input (as `run`'s caller sees them)
+      that the scan iterates over (`tracing.Use`: 0 for a stacked layer,
+      after the batch axis for weights shared over the iterations).
   """
   jaxpr: Jaxpr
   consts: list[Any]
@@ -47,6 +55,7 @@ class Plan:
   capture: dict[int, tuple[Var, ...]] = dataclasses.field(default_factory=dict)
   losses: list[tuple[int, Var, Var]] = dataclasses.field(default_factory=list)
   nested: dict[int, tuple[str, "Plan"]] = dataclasses.field(default_factory=dict)
+  scan_axis: dict[int, int] = dataclasses.field(default_factory=dict)
 
   @property
   def active(self) -> bool:
@@ -143,7 +152,31 @@ def _run_nested(how: str, eqn, inner: Plan, invals: list[Any],
                                   policy=eqn.params.get("policy"))
     own = {u: p for u, p in perturbations.items() if u in used_ids(inner)}
     return Result(*checkpointed(invals, own))
+  if how == SCAN:
+    return _run_scan(eqn, inner, invals, perturbations)
   raise ValueError(f"Unknown nested evaluation {how!r}.")
+
+
+def _run_scan(eqn, inner: Plan, invals: list[Any],
+              perturbations: Mapping[int, Array]) -> Result:
+  """A `scan` whose body holds layers: perturbations in, captured inputs out, per iteration."""
+  params = eqn.params
+  consts, num_carry = invals[:params["num_consts"]], params["num_carry"]
+  init, xs = invals[len(consts):len(consts) + num_carry], invals[len(consts) + num_carry:]
+  own = {u: jnp.moveaxis(p, inner.scan_axis[u], 0) for u, p in perturbations.items()
+         if u in inner.scan_axis}
+
+  def body(carry, sliced):
+    x, perts = sliced
+    result = run(inner, list(consts) + list(carry) + list(x), perts)
+    return result.outputs[:num_carry], (result.outputs[num_carry:], result.inputs)
+
+  carry, (ys, inputs) = jax.lax.scan(body, list(init), (list(xs), own),
+                                     length=params["length"], reverse=params["reverse"],
+                                     unroll=params["unroll"])
+  inputs = {u: None if x is None else jnp.moveaxis(x, 0, inner.scan_axis[u])
+            for u, x in inputs.items()}
+  return Result(list(carry) + list(ys), inputs, {})
 
 
 def _bind_params(eqn) -> tuple[list[Any], dict[str, Any]]:

@@ -48,6 +48,8 @@ class Distribution:
     fisher_product: `(prediction, u) -> F u`, the distribution's Fisher
       (the Hessian of the negative log-likelihood in its prediction) applied
       to `u` of the prediction's shape, example by example.
+    classes_last: whether the prediction's last axis holds one variable's
+      class scores (categorical) rather than one variable per element.
   """
   name: str
   example_axes: int | None
@@ -55,6 +57,7 @@ class Distribution:
   nll_grad: Callable[[Array, Array], Array]
   fisher_sqrt: Callable[[Array], Array]
   fisher_product: Callable[[Array, Array], Array]
+  classes_last: bool = False
 
   def num_examples(self, prediction_shape: tuple[int, ...]) -> int:
     """Returns how many terms the loss averages over.
@@ -65,6 +68,16 @@ class Distribution:
     """
     axes = len(prediction_shape) - 1 if self.example_axes is None else self.example_axes
     return math.prod(prediction_shape[:axes])
+
+  def variables_per_term(self, prediction_shape: tuple[int, ...]) -> int:
+    """Returns how many random variables one averaged term predicts.
+
+    Args:
+      prediction_shape: the shape of the prediction.
+    """
+    axes = len(prediction_shape) - 1 if self.example_axes is None else self.example_axes
+    event = prediction_shape[axes:]
+    return math.prod(event[:-1] if self.classes_last else event)
 
 
 def _categorical_fisher_sqrt(logits: Array) -> Array:
@@ -94,6 +107,7 @@ def _elementwise_fisher_sqrt(scale: Array) -> Array:
 CATEGORICAL = Distribution(
     name="categorical",
     example_axes=None,
+    classes_last=True,
     sample=lambda key, logits: jax.random.categorical(key, _float(logits), axis=-1),
     nll_grad=lambda logits, labels: (
         jax.nn.softmax(_float(logits), axis=-1)

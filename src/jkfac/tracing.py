@@ -13,7 +13,10 @@ leaf) and every bias leaf through reshapes and broadcasts. It finds:
 - loss tags, from the loss functions of `jkfac.losses`.
 
 It descends into `jit`, `remat`/`checkpoint` and `custom_jvp`/`custom_vjp`
-calls. Parameters that no layer owns are handed to the `"diagonal"` fallback
+calls, and into `scan` bodies: a parameter sliced along its leading axis by
+the scan (scan over layers) is a stack of layers (`Layer.stack`), one closed
+over by the body (the same weights every iteration: an RNN over time) a layer
+whose weights are shared over the iterations, like a sequence layer's. Parameters that no layer owns are handed to the `"diagonal"` fallback
 block and listed, with the operations that use them, in the layer table.
 """
 
@@ -68,12 +71,17 @@ class Layer:
     options: static facts the block needs (for dense: the kernel leaf's
       `in_axes` and `out_axes`, and `bias`).
     note: how it was found, or why it is a fallback.
+    stack: for a stack of layers (a parameter sliced by `lax.scan`), the
+      sizes of the leading axes its parameters are stacked along, outermost
+      first; each slice is a layer of `kind` (`jkfac.blocks.stacked`).
+      Empty for a single layer.
   """
   name: str
   kind: str
   params: tuple[Param, ...]
   options: tuple[tuple[str, Any], ...] = ()
   note: str = ""
+  stack: tuple[int, ...] = ()
 
   def option(self, key: str, default: Any = None) -> Any:
     """Returns the value of option `key`, or `default` when the layer has none.
@@ -97,12 +105,17 @@ class Use:
       `out_axes`).
     x_shape: the input's shape.
     out_shape: the output's shape.
+    stack: how many leading axes of the input and output index the layers
+      of a stack (a use inside a `scan` over a stacked parameter). Inside a
+      `scan` that shares the weights over its iterations, the iterations are
+      an axis right after the batch axis (the axis after the stack's).
   """
   id: int
   x_axes: tuple[int, ...]
   out_axes: tuple[int, ...]
   x_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
+  stack: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +139,11 @@ class Loss:
     """How many terms the loss averages over (`losses.Distribution.num_examples`)."""
     return losses.DISTRIBUTIONS[self.distribution].num_examples(self.prediction_shape)
 
+  @property
+  def variables_per_term(self) -> int:
+    """Predicted variables in one term (`losses.Distribution.variables_per_term`)."""
+    return losses.DISTRIBUTIONS[self.distribution].variables_per_term(self.prediction_shape)
+
 
 @dataclasses.dataclass
 class Program:
@@ -146,10 +164,13 @@ class Program:
 
 
 # Views of parameter leaves, tracked through the graph.
+# `sliced_by`: the scans (by walk id, outermost first) that sliced the leaf's
+# leading axes; axes and permutations count the slice's axes.
 @dataclasses.dataclass(frozen=True)
 class _LeafView:
   leaf: int
   perm: tuple[int, ...]
+  sliced_by: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +178,7 @@ class _BroadcastView:
   """A leaf reshaped or broadcast: leaf axis i is axis `axes[i]` here."""
   leaf: int
   axes: tuple[int, ...]
+  sliced_by: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -167,6 +189,7 @@ class _Match:
   options: tuple[tuple[str, Any], ...]
   source: str
   problem: Optional[str] = None  # why it must fall back after all
+  sliced_by: tuple[int, ...] = ()  # the scans that slice its parameters
 
 
 # A dense or convolution match awaiting its bias: (match, input, output,
@@ -182,6 +205,7 @@ class _Affine:
   axis: int
   other: Var
   out: Var
+  sliced_by: tuple[int, ...] = ()
 
 
 class _Walker:
@@ -220,6 +244,8 @@ class _Walker:
         self._embedding(eqn, ins, plan)
       elif name in _CALLS or name in _CHECKPOINTS:
         outs = self._nested(index, eqn, ins, plan)
+      elif name == "scan":
+        outs = self._scan(index, eqn, ins, plan)
       else:
         outs = [_propagate(eqn, ins)] if len(eqn.outvars) == 1 else outs
         if any(o is not None for o in ins):
@@ -240,15 +266,16 @@ class _Walker:
       if o is not None:
         self.consumers.setdefault(o.leaf, set()).add(name)
 
-  def _check_no_tags_inside(self, eqn) -> None:
-    """Refuses a loss or a layer tag inside control flow, which the walk does not enter."""
+  def _check_no_tags_inside(self, eqn, layer_tags: bool = True) -> None:
+    """Refuses a loss (or a layer tag) inside control flow the walk does not enter."""
     for inner in _inner_jaxprs(eqn):
-      if _contains_primitive(inner, tags.LAYER_TAG_NAME):
+      if layer_tags and _contains_primitive(inner, tags.LAYER_TAG_NAME):
         raise ValueError(
             f"A jkfac layer tag (register_dense, register_conv or "
             f"register_scale_and_shift) is inside a `{eqn.primitive.name}` (lax.cond, "
-            "lax.switch, lax.while_loop, lax.scan or a similar control-flow primitive): "
-            "jkfac does not look inside control flow, so the tagged layer would get no "
+            "lax.switch, lax.while_loop or a similar control-flow primitive): "
+            "jkfac does not look inside control flow other than lax.scan, so the tagged "
+            "layer would get no "
             "block of its own. Tag the layer outside it (unroll a short loop in Python, "
             "or apply the layer once to the stacked inputs after the loop), or remove "
             "the tag to leave its parameters to the diagonal fallback block.")
@@ -275,11 +302,48 @@ class _Walker:
       plan.nested[index] = (how, inner_plan)
     return inner_outs
 
+  def _scan(self, index: int, eqn, ins: list[Any], plan: interpret.Plan) -> list[Any]:
+    """A `lax.scan`: its body's layers, stacked or sharing weights over the iterations.
+
+    A parameter scanned over along its leading axis is sliced (each
+    iteration sees one layer of a stack); one closed over by the body is the
+    same every iteration. The uses found inside get the scan's axis in their
+    shapes: leading for a stack, after the batch axis for shared weights.
+    """
+    self._check_no_tags_inside(eqn, layer_tags=False)
+    params = eqn.params
+    body, consts = _open(params["jaxpr"])
+    num_consts, num_carry = params["num_consts"], params["num_carry"]
+    scan = self._new_id()
+    origins = []
+    for position, view in enumerate(ins):
+      if view is None or position < num_consts:
+        origins.append(view)
+        continue
+      sliced = _slice(view, scan) if position >= num_consts + num_carry else None
+      if sliced is None:  # carried, or scanned over another axis
+        self._record_consumers("scan", [view], [None])
+      origins.append(sliced)
+    first = len(self.matches)
+    inner_plan, _ = self.walk(body, consts, origins)
+    if not inner_plan.active:
+      return [None] * len(eqn.outvars)
+    for match in self.matches[first:]:
+      match.use, inner_plan.scan_axis[match.use.id] = _lift(
+          match.use, params["length"], scan in match.sliced_by)
+    plan.nested[index] = (interpret.SCAN, inner_plan)
+    return [None] * len(eqn.outvars)
+
+  def _slice_shape(self, view: Any) -> tuple[int, ...]:
+    """The shape of one slice of the view's leaf (its shape when not sliced)."""
+    return tuple(self.leaf_shapes[view.leaf][len(view.sliced_by):])
+
   def _layer_tag(self, eqn, ins: list[Any], plan: interpret.Plan) -> None:
     kind = eqn.params["kind"]
     present = eqn.params["present"]
     operands = iter(range(2, len(eqn.invars)))
     leaves: list[Optional[int]] = []
+    slicing: set[tuple[int, ...]] = set()
     for is_present in present:
       if not is_present:
         leaves.append(None)
@@ -294,12 +358,19 @@ class _Walker:
             "parameter at all). Pass the parameter itself, as it appears in `params` "
             "(a cast to another dtype is fine), to the tag.")
       leaves.append(view.leaf)
+      slicing.add(view.sliced_by)
+    if len(slicing) > 1:
+      raise ValueError(
+          f"register_{kind}: its parameters are not stacked alike (inside lax.scan, "
+          "some are sliced per iteration and others closed over). Scan over all of a "
+          "layer's parameters, or close over all of them.")
     y, x = eqn.invars[0], eqn.invars[1]
     use = Use(self._new_id(), x_axes=(x.aval.ndim - 1,), out_axes=(y.aval.ndim - 1,),
               x_shape=tuple(x.aval.shape), out_shape=tuple(y.aval.shape))
     plan.perturb[eqn.outvars[0]] = use.id
     plan.capture[use.id] = (x,)
-    self.matches.append(_Match(kind, tuple(leaves), use, eqn.params["meta"], "tagged"))
+    self.matches.append(_Match(kind, tuple(leaves), use, eqn.params["meta"], "tagged",
+                               sliced_by=slicing.pop() if slicing else ()))
 
   def _loss_tag(self, eqn, plan: interpret.Plan) -> None:
     loss = Loss(self._new_id(), eqn.params["distribution"], eqn.params["weight"],
@@ -331,7 +402,8 @@ class _Walker:
     out_axes = tuple(range(x_free, x_free + len(free)) if side == 1 else range(len(free)))
     options = (("in_axes", tuple(view.perm[a] for a in param_contract)),
                ("out_axes", tuple(view.perm[a] for a in free)))
-    match = _Match("dense", (view.leaf, None), None, options, "found")
+    match = _Match("dense", (view.leaf, None), None, options, "found",
+                   sliced_by=view.sliced_by)
     self.matches.append(match)  # completed by _finish_layers, once bias views are known
     pending.append((match, eqn.invars[1 - side], out, x_axes, out_axes))
 
@@ -343,7 +415,8 @@ class _Walker:
     if spec is None:
       self._record_consumers("conv_general_dilated", ins, [None])
       return
-    match = _Match("conv", (view.leaf, None), None, (("conv", spec),), "found")
+    match = _Match("conv", (view.leaf, None), None, (("conv", spec),), "found",
+                   sliced_by=view.sliced_by)
     self.matches.append(match)
     pending.append((match, eqn.invars[0], eqn.outvars[0], (spec.lhs_spec[1],),
                     (spec.out_spec[1],)))
@@ -358,14 +431,15 @@ class _Walker:
             and tuple(numbers.start_index_map) == (0,)
             and tuple(numbers.offset_dims) == (out.aval.ndim - 1,)
             and not tuple(getattr(numbers, "operand_batching_dims", ()))
-            and tuple(eqn.params["slice_sizes"]) == (1, self.leaf_shapes[view.leaf][1])):
+            and tuple(eqn.params["slice_sizes"]) == (1, self._slice_shape(view)[1])):
       self._record_consumers("gather", ins, [None])
       return
     use = Use(self._new_id(), x_axes=(ids.aval.ndim - 1,), out_axes=(out.aval.ndim - 1,),
               x_shape=tuple(ids.aval.shape), out_shape=tuple(out.aval.shape))
     plan.perturb[out] = use.id
     plan.capture[use.id] = (ids,)
-    self.matches.append(_Match("embedding", (view.leaf,), use, (), "found"))
+    self.matches.append(_Match("embedding", (view.leaf,), use, (), "found",
+                               sliced_by=view.sliced_by))
 
   def _finish_layers(self, jaxpr: Jaxpr, plan: interpret.Plan, origin: dict[Var, Any],
                      pending: list[_Pending]) -> set[Var]:
@@ -377,7 +451,7 @@ class _Walker:
     consumers = _consumers(jaxpr)
     biased = set()
     for match, x, out, x_axes, out_axes in pending:
-      bias, out = self._bias(jaxpr, out, out_axes, consumers, origin)
+      bias, out = self._bias(jaxpr, out, out_axes, consumers, origin, match.sliced_by)
       if bias is not None:
         biased.add(out)
       match.leaves = (match.leaves[0], bias)
@@ -398,7 +472,8 @@ class _Walker:
         or isinstance(other, Literal) or other.aval.ndim != out.aval.ndim
         or eqn.invars[side].aval.ndim != out.aval.ndim):
       return
-    found.append(_Affine(eqn.primitive.name, view.leaf, view.axes[0], other, out))
+    found.append(_Affine(eqn.primitive.name, view.leaf, view.axes[0], other, out,
+                         view.sliced_by))
 
   def _finish_affine(self, jaxpr: Jaxpr, plan: interpret.Plan, origin: dict[Var, Any],
                      found: list[_Affine]) -> None:
@@ -415,7 +490,8 @@ class _Walker:
     shifts = {a.other: a for a in found if a.op == "add"}
     paired = set()
     for scale in (a for a in found if a.op == "mul"):
-      view, out, factors = _BroadcastView(scale.leaf, (scale.axis,)), scale.out, [scale.other]
+      view, out = _BroadcastView(scale.leaf, (scale.axis,), scale.sliced_by), scale.out
+      factors = [scale.other]
       while out not in jaxpr.outvars and len(consumers.get(out, [])) == 1:
         eqn = jaxpr.eqns[consumers[out][0]]
         name = eqn.primitive.name
@@ -435,25 +511,28 @@ class _Walker:
         out = eqn.outvars[0]
       shift = shifts.get(out)
       if (shift is not None and (shift.axis,) == view.axes and shift.leaf != scale.leaf
+          and shift.sliced_by == scale.sliced_by
           and consumers.get(out) and len(consumers[out]) == 1):
         paired.add(shift)
         leaves, out = (scale.leaf, shift.leaf), shift.out
       else:
         leaves = (scale.leaf, None)
-      self._add_affine(plan, leaves, view.axes[0], out, factors)
+      self._add_affine(plan, leaves, view.axes[0], out, factors, scale.sliced_by)
     for shift in found:
       if shift.op == "add" and shift not in paired:
-        self._add_affine(plan, (None, shift.leaf), shift.axis, shift.out, [])
+        self._add_affine(plan, (None, shift.leaf), shift.axis, shift.out, [], shift.sliced_by)
 
   def _add_affine(self, plan: interpret.Plan, leaves: tuple[Optional[int], ...], axis: int,
-                  out: Var, factors: list[Var]) -> None:
+                  out: Var, factors: list[Var], sliced_by: tuple[int, ...]) -> None:
     shape = tuple(out.aval.shape)
     use = Use(self._new_id(), x_axes=(axis,), out_axes=(axis,), x_shape=shape, out_shape=shape)
     plan.perturb[out] = use.id
     plan.capture[use.id] = tuple(factors)
-    self.matches.append(_Match("scale_and_shift", leaves, use, (("axes", (axis,)),), "found"))
+    self.matches.append(_Match("scale_and_shift", leaves, use, (("axes", (axis,)),), "found",
+                               sliced_by=sliced_by))
 
-  def _bias(self, jaxpr: Jaxpr, out: Var, out_axes: tuple[int, ...], consumers, origin):
+  def _bias(self, jaxpr: Jaxpr, out: Var, out_axes: tuple[int, ...], consumers, origin,
+            sliced_by: tuple[int, ...]):
     users = consumers.get(out, [])
     if len(users) != 1 or out in jaxpr.outvars:
       return None, out
@@ -464,14 +543,15 @@ class _Walker:
     view = None if isinstance(other, Literal) else _as_broadcast(origin.get(other))
     shape = tuple(out.aval.shape[a] for a in out_axes)
     if (view is None or view.axes != out_axes or view.leaf in self.claimed
-        or self.leaf_shapes[view.leaf] != shape):
+        or view.sliced_by != sliced_by or self._slice_shape(view) != shape):
       return None, out
     return view.leaf, eqn.outvars[0]
 
 
 def _as_broadcast(view: Any) -> Optional[_BroadcastView]:
   if isinstance(view, _LeafView):
-    return _BroadcastView(view.leaf, tuple(view.perm.index(i) for i in range(len(view.perm))))
+    return _BroadcastView(view.leaf, tuple(view.perm.index(i) for i in range(len(view.perm))),
+                          view.sliced_by)
   return view
 
 
@@ -488,25 +568,56 @@ def _propagate(eqn, ins: list[Any]) -> Any:
   if name == "transpose":
     perm = tuple(eqn.params["permutation"])
     if isinstance(view, _LeafView):
-      return _LeafView(view.leaf, tuple(view.perm[p] for p in perm))
-    return _BroadcastView(view.leaf, tuple(perm.index(a) for a in view.axes))
+      return _LeafView(view.leaf, tuple(view.perm[p] for p in perm), view.sliced_by)
+    return _BroadcastView(view.leaf, tuple(perm.index(a) for a in view.axes), view.sliced_by)
   view = _as_broadcast(view)
   if name == "broadcast_in_dim":
     dims = eqn.params["broadcast_dimensions"]
-    return _BroadcastView(view.leaf, tuple(dims[a] for a in view.axes))
+    return _BroadcastView(view.leaf, tuple(dims[a] for a in view.axes), view.sliced_by)
   if name == "squeeze":
     dims = [d % len(in_shape) for d in eqn.params["dimensions"]]
-    return _BroadcastView(view.leaf, tuple(a - sum(d < a for d in dims) for a in view.axes))
+    return _BroadcastView(view.leaf, tuple(a - sum(d < a for d in dims) for a in view.axes),
+                          view.sliced_by)
   if name == "reshape" and math.prod(in_shape) == math.prod(
       in_shape[a] for a in view.axes):  # a leaf with size-1 axes added or removed
     leaf_shape = tuple(in_shape[a] for a in view.axes)
     lead = len(out_shape) - len(leaf_shape)
     if lead >= 0 and out_shape[lead:] == leaf_shape:  # numpy's rule: the leaf trails
-      return _BroadcastView(view.leaf, tuple(range(lead, len(out_shape))))
+      return _BroadcastView(view.leaf, tuple(range(lead, len(out_shape))), view.sliced_by)
     big = [i for i, d in enumerate(out_shape) if d != 1]
     if all(d != 1 for d in leaf_shape) and [out_shape[i] for i in big] == list(leaf_shape):
-      return _BroadcastView(view.leaf, tuple(big))
+      return _BroadcastView(view.leaf, tuple(big), view.sliced_by)
   return None
+
+
+def _slice(view: Any, scan: int) -> Any:
+  """The view one iteration of `scan` sees of a view it scans over (axis 0), or None.
+
+  Only a leaf whose leading axis is the scanned one is sliced: the body sees
+  one layer of a stack.
+  """
+  if isinstance(view, _LeafView) and view.perm and view.perm[0] == 0:
+    return _LeafView(view.leaf, tuple(a - 1 for a in view.perm[1:]), view.sliced_by + (scan,))
+  if isinstance(view, _BroadcastView) and view.axes and view.axes[0] == 0:
+    return _BroadcastView(view.leaf, tuple(a - 1 for a in view.axes[1:]),
+                          view.sliced_by + (scan,))
+  return None
+
+
+def _lift(use: Use, length: int, stacked: bool) -> tuple[Use, int]:
+  """A use inside a scan body, seen from outside: the scan's axis inserted.
+
+  Returns:
+    The use with an axis of `length` in its input and output shapes, and
+    that axis: first for a stacked layer (one more stack axis), right after
+    the batch axis (which follows the stack's axes) for shared weights.
+  """
+  axis = 0 if stacked else use.stack + 1
+  insert = lambda shape: shape[:axis] + (length,) + shape[axis:]
+  shift = lambda axes: tuple(a + (a >= axis) for a in axes)
+  return dataclasses.replace(use, x_axes=shift(use.x_axes), out_axes=shift(use.out_axes),
+                             x_shape=insert(use.x_shape), out_shape=insert(use.out_shape),
+                             stack=use.stack + stacked), axis
 
 
 def _consumers(jaxpr: Jaxpr) -> dict[Var, list[int]]:
@@ -620,7 +731,7 @@ def _check_per_example(walker: _Walker) -> None:
   batch = {loss.prediction_shape[0] for loss in walker.losses if loss.prediction_shape}
   for match in walker.matches:
     if (match.kind == "scale_and_shift" and len(batch) == 1
-        and match.use.out_shape[:1] != tuple(batch)):
+        and match.use.out_shape[match.use.stack:][:1] != tuple(batch)):
       match.problem = (f"applied to an array of shape {match.use.out_shape}, whose leading "
                        f"axis is not the batch ({batch.pop()} examples)")
 
@@ -669,8 +780,8 @@ def _group(walker: _Walker, params: list[Param]) -> tuple[tuple[Layer, ...], tup
     problems = [m.problem for m in group if m.problem]
     if problems:
       reason = problems[0]
-    elif any((m.kind, m.leaves, m.options) != (first.kind, first.leaves, first.options)
-             for m in group):
+    elif any((m.kind, m.leaves, m.options, m.sliced_by)
+             != (first.kind, first.leaves, first.options, first.sliced_by) for m in group):
       reason = "applied in several places with different structure"
     elif any(group_count[leaf] > 1 for leaf in leaves):
       reason = "shared by several layers"
@@ -686,7 +797,9 @@ def _group(walker: _Walker, params: list[Param]) -> tuple[tuple[Layer, ...], tup
     options = first.options + tuple((role, leaf is not None)
                                     for role, leaf in zip(roles[1:], first.leaves[1:]))
     note = first.source + (f", {len(group)} uses" if len(group) > 1 else "")
-    layers.append(Layer(_layer_name([p.path for p in owned]), first.kind, owned, options, note))
+    stack = owned[0].shape[:len(first.sliced_by)]
+    layers.append(Layer(_layer_name([p.path for p in owned]), first.kind, owned, options,
+                        note + (", stacked by scan" if stack else ""), stack))
     uses.append(tuple(m.use for m in group))
   owned_leaves = {p.index for layer in layers for p in layer.params}
   for p in params:

@@ -17,9 +17,12 @@ which documents its methods in full, with:
 - `precondition(layer, inverse, grads) -> tuple`: the preconditioned gradients
   of the layer's parameters, in `layer.params` order.
 - `describe(layer) -> str`: the factor shapes for the layer table.
+
+A stack of layers (`Layer.stack`) gets its kind's block once per slice,
+batched (`jkfac.blocks.stacked`): use `for_layer(layer)`.
 """
 
-from jkfac.blocks import conv, dense, diagonal, embedding, full, none, scale_and_shift
+from jkfac.blocks import conv, dense, diagonal, embedding, full, none, scale_and_shift, stacked
 from jkfac.blocks.base import Block, Captures
 
 REGISTRY: dict[str, Block] = {
@@ -40,3 +43,15 @@ def get(kind: str) -> Block:
     kind: a key of `REGISTRY` (`"dense"`, `"conv"`, ...), as in `Layer.kind`.
   """
   return REGISTRY[kind]
+
+
+def for_layer(layer) -> Block:
+  """Returns the block of `layer`: its kind's, batched over a stack's slices.
+
+  Args:
+    layer: a `tracing.Layer`.
+  """
+  block = REGISTRY[layer.kind]
+  if layer.stack and block.needs != "nothing":
+    return stacked.Stacked(block, layer.stack)
+  return block

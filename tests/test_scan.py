@@ -1,0 +1,200 @@
+"""Layers inside `lax.scan`: stacks of layers (scan over layers) and weights
+shared over iterations (an RNN over time), against the same models unrolled
+in Python with the same weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import brute_force as bf
+import jkfac
+
+KEY = jax.random.PRNGKey(0)
+FEATURES, WIDTH, CLASSES, DEPTH, BATCH, STEPS_IN_TIME = 4, 5, 3, 3, 12, 4
+
+
+def _normal(key, shape, scale=0.5):
+  return scale * jax.random.normal(key, shape, jnp.float64) / np.sqrt(shape[-2] if len(shape) > 1 else 1)
+
+
+# --------------------------------------------------------------------------- #
+# Scan over layers: a stack of DEPTH tanh layers of width WIDTH
+# --------------------------------------------------------------------------- #
+
+
+def stack_params(key):
+  k = jax.random.split(key, 5)
+  return {"w_in": _normal(k[0], (FEATURES, WIDTH)),
+          "stack": {"w": _normal(k[1], (DEPTH, WIDTH, WIDTH), 1.0),
+                    "b": 0.1 * jax.random.normal(k[2], (DEPTH, WIDTH), jnp.float64)},
+          "head": {"w": _normal(k[3], (WIDTH, CLASSES)),
+                   "b": 0.1 * jax.random.normal(k[4], (CLASSES,), jnp.float64)}}
+
+
+def scanned_loss(params, x, y):
+  h = jnp.tanh(x @ params["w_in"])
+
+  def block(h, layer):
+    return jnp.tanh(h @ layer["w"] + layer["b"]), None
+
+  h, _ = jax.lax.scan(block, h, params["stack"])
+  return jkfac.softmax_cross_entropy(h @ params["head"]["w"] + params["head"]["b"], y)
+
+
+def unrolled_params(params):
+  return {"w_in": params["w_in"],
+          "blocks": [{"w": params["stack"]["w"][l], "b": params["stack"]["b"][l]}
+                     for l in range(DEPTH)],
+          "head": params["head"]}
+
+
+def unrolled_loss(params, x, y):
+  h = jnp.tanh(x @ params["w_in"])
+  for layer in params["blocks"]:
+    h = jnp.tanh(h @ layer["w"] + layer["b"])
+  return jkfac.softmax_cross_entropy(h @ params["head"]["w"] + params["head"]["b"], y)
+
+
+def restack(unrolled):
+  """The unrolled model's tree (parameters, updates) in the scanned layout."""
+  return {"w_in": unrolled["w_in"],
+          "stack": {k: jnp.stack([layer[k] for layer in unrolled["blocks"]])
+                    for k in ("w", "b")},
+          "head": unrolled["head"]}
+
+
+def _pair(mode="exact"):
+  params = stack_params(KEY)
+  x, y = bf.classification_data(BATCH, FEATURES, CLASSES)
+  scanned = jkfac.estimator(scanned_loss, params, x, y, mode=mode)
+  unrolled = jkfac.estimator(unrolled_loss, unrolled_params(params), x, y, mode=mode)
+  return params, (x, y), scanned, unrolled
+
+
+def test_a_stack_is_found_as_one_stacked_layer():
+  _, _, scanned, unrolled = _pair()
+  layer = next(l for l in scanned.layers if l.name == "stack")
+  assert layer.kind == "dense" and layer.stack == (DEPTH,)
+  assert [p.role for p in layer.params] == ["kernel", "bias"]
+  assert not [l for l in scanned.layers if l.kind == "diagonal"]
+  assert len(scanned.layers) == 3 and len(unrolled.layers) == DEPTH + 2
+  table = str(scanned)
+  assert f"{DEPTH} x (A {WIDTH + 1}x{WIDTH + 1}, G {WIDTH}x{WIDTH})" in table
+  assert "no parameter is left to a fallback block" in table
+
+
+@pytest.mark.parametrize("mode", ["exact", "empirical"])
+def test_stacked_statistics_equal_the_unrolled_layers(mode):
+  params, batch, scanned, unrolled = _pair(mode)
+  _, grads, stats = scanned(params, *batch)
+  _, grads_u, stats_u = unrolled(unrolled_params(params), *batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10),
+               grads, restack(grads_u))
+  for name in ("A", "G"):
+    expected = np.stack([stats_u.factors[f"blocks/{l}"][name] for l in range(DEPTH)])
+    assert stats.factors["stack"][name].shape == expected.shape
+    np.testing.assert_allclose(stats.factors["stack"][name], expected, rtol=1e-10)
+  for name in ("w_in", "head"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10),
+                 stats.factors[name], stats_u.factors[name])
+
+
+def _train(est, tx, params, batch, steps):
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: _step(est, tx, p, s, batch))
+  for _ in range(steps):
+    params, state, updates = step(params, state)
+  return params, updates
+
+
+def _step(est, tx, params, state, batch):
+  _, grads, stats = est(params, *batch)
+  updates, state = tx.update(grads, state, params, stats=stats)
+  return optax.apply_updates(params, updates), state, updates
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(learning_rate=0.1, momentum=0.9)],
+                         ids=["adaptive", "fixed"])
+def test_scanned_training_equals_unrolled(settings):
+  params, batch, scanned, unrolled = _pair()
+  final, updates = _train(scanned, jkfac.kfac(scanned, inverse_every=2, **settings),
+                          params, batch, 5)
+  final_u, updates_u = _train(unrolled, jkfac.kfac(unrolled, inverse_every=2, **settings),
+                              unrolled_params(params), batch, 5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-14),
+               updates, restack(updates_u))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8),
+               final, restack(final_u))
+
+
+# --------------------------------------------------------------------------- #
+# Weights shared over iterations: an RNN over time
+# --------------------------------------------------------------------------- #
+
+
+def rnn_params(key):
+  k = jax.random.split(key, 4)
+  return {"wx": _normal(k[0], (FEATURES, WIDTH)), "wh": _normal(k[1], (WIDTH, WIDTH), 1.0),
+          "head": {"w": _normal(k[2], (WIDTH, CLASSES)),
+                   "b": 0.1 * jax.random.normal(k[3], (CLASSES,), jnp.float64)}}
+
+
+def _cell(params, h, x):
+  return jnp.tanh(x @ params["wx"] + h @ params["wh"])
+
+
+def scanned_rnn_loss(params, xs, y):
+  h0 = jnp.zeros((xs.shape[0], WIDTH), xs.dtype)
+  h, _ = jax.lax.scan(lambda h, x: (_cell(params, h, x), None), h0, jnp.swapaxes(xs, 0, 1))
+  return jkfac.softmax_cross_entropy(h @ params["head"]["w"] + params["head"]["b"], y)
+
+
+def unrolled_rnn_loss(params, xs, y):
+  h = jnp.zeros((xs.shape[0], WIDTH), xs.dtype)
+  for t in range(xs.shape[1]):
+    h = _cell(params, h, xs[:, t])
+  return jkfac.softmax_cross_entropy(h @ params["head"]["w"] + params["head"]["b"], y)
+
+
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+def test_a_scanned_rnn_equals_its_unrolled_form(weight_sharing):
+  params = rnn_params(KEY)
+  x, y = bf.classification_data(BATCH, FEATURES * STEPS_IN_TIME, CLASSES)
+  xs = x.reshape(BATCH, STEPS_IN_TIME, FEATURES)
+  scanned, unrolled = (jkfac.estimator(f, params, xs, y, mode="exact",
+                                       weight_sharing=weight_sharing)
+                       for f in (scanned_rnn_loss, unrolled_rnn_loss))
+  assert [(l.name, l.kind, l.stack) for l in scanned.layers] == [
+      (l.name, l.kind, ()) for l in unrolled.layers]
+  assert not [l for l in scanned.layers if l.kind == "diagonal"]
+  _, grads, stats = scanned(params, xs, y)
+  _, grads_u, stats_u = unrolled(params, xs, y)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), grads, grads_u)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-16),
+               stats.factors, stats_u.factors)
+  final, _ = _train(scanned, jkfac.kfac(scanned, inverse_every=2), params, (xs, y), 5)
+  final_u, _ = _train(unrolled, jkfac.kfac(unrolled, inverse_every=2), params, (xs, y), 5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8), final, final_u)
+
+
+def test_a_layer_tagged_inside_a_scan_is_the_layer_found_there():
+  params = rnn_params(KEY)
+  x, y = bf.classification_data(BATCH, FEATURES * STEPS_IN_TIME, CLASSES)
+  xs = x.reshape(BATCH, STEPS_IN_TIME, FEATURES)
+
+  def tagged_loss(params, xs, y):
+    def cell(h, x):
+      pre = x @ params["wx"] + jkfac.register_dense(h @ params["wh"], h, params["wh"])
+      return jnp.tanh(pre), None
+    h, _ = jax.lax.scan(cell, jnp.zeros((xs.shape[0], WIDTH), xs.dtype), jnp.swapaxes(xs, 0, 1))
+    return jkfac.softmax_cross_entropy(h @ params["head"]["w"] + params["head"]["b"], y)
+
+  found, tagged = (jkfac.estimator(f, params, xs, y, mode="exact")
+                   for f in (scanned_rnn_loss, tagged_loss))
+  assert {l.name: l.note.split(",")[0] for l in tagged.layers}["wh"] == "tagged"
+  _, _, stats = found(params, xs, y)
+  _, _, stats_t = tagged(params, xs, y)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), stats.factors,
+               stats_t.factors)
