@@ -2,6 +2,7 @@
 shared over iterations (an RNN over time), against the same models unrolled
 in Python with the same weights."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,3 +199,101 @@ def test_a_layer_tagged_inside_a_scan_is_the_layer_found_there():
   _, _, stats_t = tagged(params, xs, y)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), stats.factors,
                stats_t.factors)
+
+
+# --------------------------------------------------------------------------- #
+# flax linen: a transformer whose blocks are stacked by nn.scan (with nn.remat)
+# --------------------------------------------------------------------------- #
+
+VOCAB, SEQUENCE, HEADS = 7, 6, 2
+
+
+class Block(nn.Module):
+  """A pre-LayerNorm transformer block, written as flax users write it."""
+  width: int
+
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.LayerNorm()(x)
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    x = x + nn.MultiHeadDotProductAttention(num_heads=HEADS)(h, h, mask=mask)
+    h = nn.Dense(2 * self.width)(nn.LayerNorm()(x))
+    return x + nn.Dense(self.width)(nn.gelu(h)), None
+
+
+class ScannedLM(nn.Module):
+  width: int = 8
+  depth: int = DEPTH
+  remat: bool = True
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, self.width)(tokens)
+    block = nn.remat(Block) if self.remat else Block
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                    length=self.depth)
+    x, _ = stack(self.width, name="blocks")(x, None)
+    return nn.Dense(VOCAB)(nn.LayerNorm()(x))
+
+
+class UnrolledLM(nn.Module):
+  width: int = 8
+  depth: int = DEPTH
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, self.width)(tokens)
+    for i in range(self.depth):
+      x, _ = Block(self.width, name=f"block_{i}")(x, None)
+    return nn.Dense(VOCAB)(nn.LayerNorm()(x))
+
+
+def _lm_loss(model):
+  def loss_fn(params, tokens, targets):
+    return jkfac.softmax_cross_entropy(model.apply({"params": params}, tokens), targets)
+  return loss_fn
+
+
+def _lm_unroll(tree):
+  """The scanned model's tree (parameters, updates) in the unrolled layout."""
+  tree = dict(tree)
+  blocks = tree.pop("blocks")
+  for i in range(DEPTH):
+    tree[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], blocks)
+  return tree
+
+
+def _lm_problem(remat=True):
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (BATCH, SEQUENCE), 0, VOCAB)
+  targets = jnp.roll(tokens, -1, axis=1)
+  model = ScannedLM(remat=remat)
+  params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                        model.init(KEY, tokens)["params"])
+  scanned = jkfac.estimator(_lm_loss(model), params, tokens, targets, mode="exact")
+  unrolled = jkfac.estimator(_lm_loss(UnrolledLM()), _lm_unroll(params), tokens, targets,
+                             mode="exact")
+  return params, (tokens, targets), scanned, unrolled
+
+
+@pytest.mark.parametrize("remat", [True, False], ids=["remat", "plain"])
+def test_a_flax_scanned_transformer_equals_its_unrolled_form(remat):
+  params, batch, scanned, unrolled = _lm_problem(remat)
+  stacks = [l for l in scanned.layers if l.stack]
+  assert not [l for l in scanned.layers if l.kind == "diagonal"], str(scanned)
+  # Per block: 2 LayerNorms, query, key, value, out, 2 Dense, all stacked.
+  assert len(stacks) == 8 and all(l.stack == (DEPTH,) for l in stacks), str(scanned)
+  _, grads, stats = scanned(params, *batch)
+  _, grads_u, stats_u = unrolled(_lm_unroll(params), *batch)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+  jax.tree.map(close, _lm_unroll(grads), grads_u)
+  for layer in stacks:
+    for i in range(DEPTH):
+      name = layer.name.replace("blocks", f"block_{i}", 1)
+      jax.tree.map(lambda a, b: close(a[i], b), stats.factors[layer.name],
+                   stats_u.factors[name])
+  if remat:
+    final, _ = _train(scanned, jkfac.kfac(scanned, inverse_every=2), params, batch, 5)
+    final_u, _ = _train(unrolled, jkfac.kfac(unrolled, inverse_every=2), _lm_unroll(params),
+                        batch, 5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8),
+                 _lm_unroll(final), final_u)
