@@ -2,7 +2,10 @@
 shared over iterations (an RNN over time), against the same models unrolled
 in Python with the same weights."""
 
+import equinox as eqx
 import flax.linen as nn
+from flax import nnx
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +77,11 @@ def _pair(mode="exact"):
   return params, (x, y), scanned, unrolled
 
 
+def _stats(est, params, *batch):
+  """`est(params, *batch)`, compiled (eager evaluation dispatches every operation)."""
+  return jax.jit(lambda p, *b: est(p, *b))(params, *batch)
+
+
 def test_a_stack_is_found_as_one_stacked_layer():
   _, _, scanned, unrolled = _pair()
   layer = next(l for l in scanned.layers if l.name == "stack")
@@ -89,8 +97,8 @@ def test_a_stack_is_found_as_one_stacked_layer():
 @pytest.mark.parametrize("mode", ["exact", "empirical"])
 def test_stacked_statistics_equal_the_unrolled_layers(mode):
   params, batch, scanned, unrolled = _pair(mode)
-  _, grads, stats = scanned(params, *batch)
-  _, grads_u, stats_u = unrolled(unrolled_params(params), *batch)
+  _, grads, stats = _stats(scanned, params, *batch)
+  _, grads_u, stats_u = _stats(unrolled, unrolled_params(params), *batch)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10),
                grads, restack(grads_u))
   for name in ("A", "G"):
@@ -170,11 +178,13 @@ def test_a_scanned_rnn_equals_its_unrolled_form(weight_sharing):
   assert [(l.name, l.kind, l.stack) for l in scanned.layers] == [
       (l.name, l.kind, ()) for l in unrolled.layers]
   assert not [l for l in scanned.layers if l.kind == "diagonal"]
-  _, grads, stats = scanned(params, xs, y)
-  _, grads_u, stats_u = unrolled(params, xs, y)
+  _, grads, stats = _stats(scanned, params, xs, y)
+  _, grads_u, stats_u = _stats(unrolled, params, xs, y)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), grads, grads_u)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-16),
                stats.factors, stats_u.factors)
+  if weight_sharing == "reduce":
+    return  # the optimizer does not depend on how the factors were estimated
   final, _ = _train(scanned, jkfac.kfac(scanned, inverse_every=2), params, (xs, y), 5)
   final_u, _ = _train(unrolled, jkfac.kfac(unrolled, inverse_every=2), params, (xs, y), 5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8), final, final_u)
@@ -195,8 +205,8 @@ def test_a_layer_tagged_inside_a_scan_is_the_layer_found_there():
   found, tagged = (jkfac.estimator(f, params, xs, y, mode="exact")
                    for f in (scanned_rnn_loss, tagged_loss))
   assert {l.name: l.note.split(",")[0] for l in tagged.layers}["wh"] == "tagged"
-  _, _, stats = found(params, xs, y)
-  _, _, stats_t = tagged(params, xs, y)
+  _, _, stats = _stats(found, params, xs, y)
+  _, _, stats_t = _stats(tagged, params, xs, y)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), stats.factors,
                stats_t.factors)
 
@@ -205,7 +215,7 @@ def test_a_layer_tagged_inside_a_scan_is_the_layer_found_there():
 # flax linen: a transformer whose blocks are stacked by nn.scan (with nn.remat)
 # --------------------------------------------------------------------------- #
 
-VOCAB, SEQUENCE, HEADS = 7, 6, 2
+VOCAB, SEQUENCE, HEADS, LM_DEPTH = 7, 6, 2, 2
 
 
 class Block(nn.Module):
@@ -223,14 +233,12 @@ class Block(nn.Module):
 
 class ScannedLM(nn.Module):
   width: int = 8
-  depth: int = DEPTH
-  remat: bool = True
+  depth: int = LM_DEPTH
 
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(VOCAB, self.width)(tokens)
-    block = nn.remat(Block) if self.remat else Block
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    stack = nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True},
                     length=self.depth)
     x, _ = stack(self.width, name="blocks")(x, None)
     return nn.Dense(VOCAB)(nn.LayerNorm()(x))
@@ -238,7 +246,7 @@ class ScannedLM(nn.Module):
 
 class UnrolledLM(nn.Module):
   width: int = 8
-  depth: int = DEPTH
+  depth: int = LM_DEPTH
 
   @nn.compact
   def __call__(self, tokens):
@@ -258,15 +266,15 @@ def _lm_unroll(tree):
   """The scanned model's tree (parameters, updates) in the unrolled layout."""
   tree = dict(tree)
   blocks = tree.pop("blocks")
-  for i in range(DEPTH):
+  for i in range(LM_DEPTH):
     tree[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], blocks)
   return tree
 
 
-def _lm_problem(remat=True):
+def _lm_problem():
   tokens = jax.random.randint(jax.random.PRNGKey(3), (BATCH, SEQUENCE), 0, VOCAB)
   targets = jnp.roll(tokens, -1, axis=1)
-  model = ScannedLM(remat=remat)
+  model = ScannedLM()
   params = jax.tree.map(lambda a: a.astype(jnp.float64),
                         model.init(KEY, tokens)["params"])
   scanned = jkfac.estimator(_lm_loss(model), params, tokens, targets, mode="exact")
@@ -275,25 +283,108 @@ def _lm_problem(remat=True):
   return params, (tokens, targets), scanned, unrolled
 
 
-@pytest.mark.parametrize("remat", [True, False], ids=["remat", "plain"])
-def test_a_flax_scanned_transformer_equals_its_unrolled_form(remat):
-  params, batch, scanned, unrolled = _lm_problem(remat)
+def test_a_flax_scanned_transformer_equals_its_unrolled_form():
+  params, batch, scanned, unrolled = _lm_problem()
   stacks = [l for l in scanned.layers if l.stack]
   assert not [l for l in scanned.layers if l.kind == "diagonal"], str(scanned)
   # Per block: 2 LayerNorms, query, key, value, out, 2 Dense, all stacked.
-  assert len(stacks) == 8 and all(l.stack == (DEPTH,) for l in stacks), str(scanned)
-  _, grads, stats = scanned(params, *batch)
-  _, grads_u, stats_u = unrolled(_lm_unroll(params), *batch)
+  assert len(stacks) == 8 and all(l.stack == (LM_DEPTH,) for l in stacks), str(scanned)
+  _, grads, stats = _stats(scanned, params, *batch)
+  _, grads_u, stats_u = _stats(unrolled, _lm_unroll(params), *batch)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
   jax.tree.map(close, _lm_unroll(grads), grads_u)
   for layer in stacks:
-    for i in range(DEPTH):
+    for i in range(LM_DEPTH):
       name = layer.name.replace("blocks", f"block_{i}", 1)
       jax.tree.map(lambda a, b: close(a[i], b), stats.factors[layer.name],
                    stats_u.factors[name])
-  if remat:
-    final, _ = _train(scanned, jkfac.kfac(scanned, inverse_every=2), params, batch, 5)
-    final_u, _ = _train(unrolled, jkfac.kfac(unrolled, inverse_every=2), _lm_unroll(params),
-                        batch, 5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8),
-                 _lm_unroll(final), final_u)
+  final, _ = _train(scanned, jkfac.kfac(scanned, inverse_every=2), params, batch, 5)
+  final_u, _ = _train(unrolled, jkfac.kfac(unrolled, inverse_every=2), _lm_unroll(params),
+                      batch, 5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8),
+               _lm_unroll(final), final_u)
+
+
+# --------------------------------------------------------------------------- #
+# Each library's own way of stacking layers: every stack found, none left over
+# --------------------------------------------------------------------------- #
+
+
+def _haiku_stack():
+  def forward(x):
+    x = hk.Linear(WIDTH)(x)
+    x = hk.layer_stack(DEPTH)(lambda x: jnp.tanh(hk.LayerNorm(-1, True, True)(hk.Linear(WIDTH)(x))))(x)
+    return hk.Linear(CLASSES)(x)
+  model = hk.without_apply_rng(hk.transform(forward))
+  x, _ = bf.classification_data(BATCH, FEATURES, CLASSES)
+  return model.init(KEY, x), lambda p, x: model.apply(p, x)
+
+
+def _nnx_stack():
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(WIDTH, WIDTH, rngs=rngs, param_dtype=jnp.float64)
+      self.norm = nnx.LayerNorm(WIDTH, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+      return x + jnp.tanh(self.linear(self.norm(x)))
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.inp = nnx.Linear(FEATURES, WIDTH, rngs=rngs, param_dtype=jnp.float64)
+
+      @nnx.split_rngs(splits=DEPTH)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def create(rngs):
+        return Block(rngs)
+
+      self.blocks = create(rngs)
+      self.out = nnx.Linear(WIDTH, CLASSES, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+      def body(block, x):
+        return block(x)
+
+      return self.out(body(self.blocks, self.inp(x)))
+
+  graphdef, params = nnx.split(Model(nnx.Rngs(0)), nnx.Param)
+  return params, lambda p, x: nnx.merge(graphdef, p)(x)
+
+
+def _equinox_stack():
+  keys = jax.random.split(KEY, DEPTH + 2)
+  make = lambda key, i, o: eqx.nn.Linear(i, o, key=key, dtype=jnp.float64)
+  model = {"inp": make(keys[0], FEATURES, WIDTH),
+           "stack": eqx.filter_vmap(lambda k: make(k, WIDTH, WIDTH))(keys[2:]),
+           "out": make(keys[1], WIDTH, CLASSES)}
+  params, static = eqx.partition(model, eqx.is_inexact_array)
+
+  def one_example(m, x):  # equinox's way: the model of one example, vmapped
+    layers, layer_static = eqx.partition(m["stack"], eqx.is_array)
+    x, _ = jax.lax.scan(lambda x, layer: (jnp.tanh(eqx.combine(layer, layer_static)(x)), None),
+                        m["inp"](x), layers)
+    return m["out"](x)
+
+  return params, lambda p, x: jax.vmap(lambda x: one_example(eqx.combine(p, static), x))(x)
+
+
+@pytest.mark.parametrize("build", [_haiku_stack, _nnx_stack, _equinox_stack],
+                         ids=["haiku_layer_stack", "nnx_scan", "equinox_scan"])
+def test_each_librarys_stacked_layers_are_found(build):
+  params, apply = build()
+  x, y = bf.classification_data(BATCH, FEATURES, CLASSES)
+  loss_fn = lambda p, x, y: jkfac.softmax_cross_entropy(apply(p, x), y)
+  est = jkfac.estimator(loss_fn, params, x, y, mode="exact")
+  table = str(est)
+  assert "no parameter is left to a fallback block" in table, table
+  stacks = [l for l in est.layers if l.stack]
+  assert stacks and all(l.stack == (DEPTH,) for l in stacks), table
+  assert {l.kind for l in stacks} >= {"dense"}
+  # Every bias is folded into its dense layer's block (none is a shift of its own).
+  assert not [l for l in est.layers if [p.role for p in l.params] == ["shift"]], table
+  loss, grads, stats = _stats(est, params, x, y)
+  assert np.isfinite(loss)
+  for layer in stacks:
+    for factor in jax.tree.leaves(stats.factors[layer.name]):
+      assert factor.shape[0] == DEPTH and np.all(np.isfinite(factor))

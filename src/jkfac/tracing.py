@@ -451,7 +451,8 @@ class _Walker:
     consumers = _consumers(jaxpr)
     biased = set()
     for match, x, out, x_axes, out_axes in pending:
-      bias, out = self._bias(jaxpr, out, out_axes, consumers, origin, match.sliced_by)
+      bias, out, out_axes = self._bias(jaxpr, out, out_axes, consumers, origin,
+                                       match.sliced_by)
       if bias is not None:
         biased.add(out)
       match.leaves = (match.leaves[0], bias)
@@ -532,20 +533,33 @@ class _Walker:
                                sliced_by=sliced_by))
 
   def _bias(self, jaxpr: Jaxpr, out: Var, out_axes: tuple[int, ...], consumers, origin,
-            sliced_by: tuple[int, ...]):
+            sliced_by: tuple[int, ...]) -> tuple[Optional[int], Var, tuple[int, ...]]:
+    """The bias added to a product, if any: its leaf, the sum, the sum's feature axes.
+
+    The product may be transposed first (a model written for one example and
+    vmapped over the batch computes `W x`, then moves the batch axis first).
+    Without a bias: None, and the product with its own axes.
+    """
+    product, product_axes = out, out_axes
     users = consumers.get(out, [])
+    if (len(users) == 1 and out not in jaxpr.outvars
+        and jaxpr.eqns[users[0]].primitive.name == "transpose"):
+      moved = jaxpr.eqns[users[0]]
+      perm = tuple(moved.params["permutation"])
+      out, out_axes = moved.outvars[0], tuple(perm.index(a) for a in out_axes)
+      users = consumers.get(out, [])
     if len(users) != 1 or out in jaxpr.outvars:
-      return None, out
+      return None, product, product_axes
     eqn = jaxpr.eqns[users[0]]
     if eqn.primitive.name != "add" or eqn.outvars[0].aval.shape != out.aval.shape:
-      return None, out
+      return None, product, product_axes
     other = eqn.invars[1] if eqn.invars[0] is out else eqn.invars[0]
     view = None if isinstance(other, Literal) else _as_broadcast(origin.get(other))
     shape = tuple(out.aval.shape[a] for a in out_axes)
     if (view is None or view.axes != out_axes or view.leaf in self.claimed
         or view.sliced_by != sliced_by or self._slice_shape(view) != shape):
-      return None, out
-    return view.leaf, eqn.outvars[0]
+      return None, product, product_axes
+    return view.leaf, eqn.outvars[0], out_axes
 
 
 def _as_broadcast(view: Any) -> Optional[_BroadcastView]:
