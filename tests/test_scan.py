@@ -2,6 +2,8 @@
 shared over iterations (an RNN over time), against the same models unrolled
 in Python with the same weights."""
 
+import os
+
 import equinox as eqx
 import flax.linen as nn
 from flax import nnx
@@ -283,6 +285,9 @@ def _lm_problem():
   return params, (tokens, targets), scanned, unrolled
 
 
+@pytest.mark.skipif(os.environ.get("JKFAC_SKIP_ZOO") == "1",
+                    reason="JKFAC_SKIP_ZOO=1: the model tests ran in the newest-JAX suite "
+                           "(CI time); the plain-JAX scans above run in both")
 def test_a_flax_scanned_transformer_equals_its_unrolled_form():
   params, batch, scanned, unrolled = _lm_problem()
   stacks = [l for l in scanned.layers if l.stack]
@@ -388,3 +393,17 @@ def test_each_librarys_stacked_layers_are_found(build):
   for layer in stacks:
     for factor in jax.tree.leaves(stats.factors[layer.name]):
       assert factor.shape[0] == DEPTH and np.all(np.isfinite(factor))
+
+
+def test_a_layer_inside_cond_falls_back_with_the_reason():
+  params = {"w": _normal(KEY, (FEATURES, WIDTH)), "out": _normal(KEY, (WIDTH, CLASSES))}
+  x, y = bf.classification_data(BATCH, FEATURES, CLASSES)
+
+  def loss_fn(params, x, y):
+    h = jax.lax.cond(y[0] > 0, lambda: x @ params["w"], lambda: 2.0 * (x @ params["w"]))
+    return jkfac.softmax_cross_entropy(jnp.tanh(h) @ params["out"], y)
+
+  est = jkfac.estimator(loss_fn, params, x, y)
+  kinds = {l.name: (l.kind, l.note) for l in est.layers}
+  assert kinds["w"] == ("diagonal", "used by cond") and kinds["out"][0] == "dense"
+  assert "w (4, 5): used by cond" in str(est)
