@@ -472,7 +472,7 @@ def _check_mlp(case: MLPCase, dtype: str) -> None:
     _assert_close(_dense_matrix(updates[name]), expected, update_tol, f"{name} update")
 
 
-@hypothesis.settings(max_examples=14, **SETTINGS)
+@hypothesis.settings(max_examples=8, **SETTINGS)
 @hypothesis.given(case=mlp_cases(), dtype=st.sampled_from(("float64", "float32")))
 @hypothesis.example(  # batch of one, one layer, no bias, one class: G = 0, π = 1
     case=MLPCase(widths=(3, 1), activations=(), biases=(False,), batch=1,

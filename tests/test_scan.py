@@ -126,6 +126,26 @@ def _step(est, tx, params, state, batch):
   return optax.apply_updates(params, updates), state, updates
 
 
+def test_a_stack_takes_any_block_kind_per_layer():
+  # The exact Fisher block of each layer (per-example gradients), stacked.
+  params = stack_params(KEY)
+  x, y = bf.classification_data(BATCH, FEATURES, CLASSES)
+  scanned = jkfac.estimator(scanned_loss, params, x, y, mode="exact",
+                            overrides={"stack": "full"})
+  unrolled = jkfac.estimator(unrolled_loss, unrolled_params(params), x, y, mode="exact",
+                             overrides={"blocks/*": "full"})
+  assert {l.name: (l.kind, l.stack) for l in scanned.layers}["stack"] == ("full", (DEPTH,))
+  _, grads, stats = _stats(scanned, params, x, y)
+  _, grads_u, stats_u = _stats(unrolled, unrolled_params(params), x, y)
+  (name,) = stats.factors["stack"]
+  expected = np.stack([stats_u.factors[f"blocks/{l}"][name] for l in range(DEPTH)])
+  np.testing.assert_allclose(stats.factors["stack"][name], expected, rtol=1e-10)
+  updates = [jkfac.scale_by_kfac(est, damping=1e-2) for est in (scanned, unrolled)]
+  (u, _), (u_u, _) = [tx.update(g, tx.init(p), p, stats=st) for tx, g, p, st in zip(
+      updates, (grads, grads_u), (params, unrolled_params(params)), (stats, stats_u))]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9), u, restack(u_u))
+
+
 @pytest.mark.parametrize("settings", [dict(), dict(learning_rate=0.1, momentum=0.9)],
                          ids=["adaptive", "fixed"])
 def test_scanned_training_equals_unrolled(settings):
@@ -285,9 +305,13 @@ def _lm_problem():
   return params, (tokens, targets), scanned, unrolled
 
 
-@pytest.mark.skipif(os.environ.get("JKFAC_SKIP_ZOO") == "1",
-                    reason="JKFAC_SKIP_ZOO=1: the model tests ran in the newest-JAX suite "
-                           "(CI time); the plain-JAX scans above run in both")
+_ONCE = pytest.mark.skipif(
+    os.environ.get("JKFAC_SKIP_ZOO") == "1",
+    reason="JKFAC_SKIP_ZOO=1: the flax model tests ran in the newest-JAX suite (CI time); "
+           "the plain-JAX scans run in both")
+
+
+@_ONCE
 def test_a_flax_scanned_transformer_equals_its_unrolled_form():
   params, batch, scanned, unrolled = _lm_problem()
   stacks = [l for l in scanned.layers if l.stack]
@@ -407,3 +431,46 @@ def test_a_layer_inside_cond_falls_back_with_the_reason():
   kinds = {l.name: (l.kind, l.note) for l in est.layers}
   assert kinds["w"] == ("diagonal", "used by cond") and kinds["out"][0] == "dense"
   assert "w (4, 5): used by cond" in str(est)
+
+
+def _factorisations(depth: int) -> int:
+  """Cholesky factorisations in the compiled program of a scanned LM's refresh step."""
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (4, SEQUENCE), 0, VOCAB)
+  model = ScannedLM(depth=depth)
+  params = model.init(KEY, tokens)["params"]
+  est = jkfac.estimator(_lm_loss(model), params, tokens, tokens)
+  tx = jkfac.scale_by_kfac(est, damping=1e-2)
+
+  def step(params, state, key):
+    _, grads, stats = est(params, tokens, tokens, rng=key)
+    return tx.update(grads, state, params, stats=stats)
+
+  text = jax.jit(step).lower(params, tx.init(params), KEY).as_text()
+  return text.count("potrf") + text.count("stablehlo.cholesky")
+
+
+@_ONCE
+def test_a_deeper_stack_has_no_more_factorisations():
+  # One batched factorisation per stacked factor shape, however many layers.
+  shallow, deep = _factorisations(2), _factorisations(12)
+  assert shallow == deep > 0
+
+
+def _ensemble(params, x):
+  """A vmapped ensemble of tanh MLPs with stacked parameters, member-major outputs."""
+  member = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+  return jax.vmap(member, in_axes=(0, None))(params, x)
+
+
+def test_a_member_major_ensemble_gets_a_clear_error_not_a_jax_one():
+  members, hidden = 4, 8
+  k = jax.random.split(KEY, 2)
+  params = {"w1": _normal(k[0], (members, FEATURES, hidden)),
+            "w2": _normal(k[1], (members, hidden, CLASSES))}
+  x, y = bf.classification_data(BATCH, FEATURES, CLASSES)
+  loss_fn = lambda p, x, y: jkfac.softmax_cross_entropy(
+      _ensemble(p, x), jnp.broadcast_to(y, (members, y.shape[0])))
+  est = jkfac.estimator(loss_fn, params, x, y)
+  with pytest.raises(ValueError, match="(?s)per-example gradients.*'w2'.*leading axis has "
+                                       "size 4.*out_axes=1.*overrides"):
+    est(params, x, y, rng=KEY)

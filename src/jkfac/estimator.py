@@ -368,6 +368,16 @@ class Estimator:
     indices = [p.index for layer in layers for p in layer.params]
     n = _batch_size(program, f"the {layers[0].kind} block of {layers[0].name!r}")
     batched = [jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n for a in flat_args]
+    if not any(batched):
+      names = ", ".join(repr(l.name) for l in layers)
+      raise ValueError(
+          f"The per-example gradients of the {layers[0].kind} block(s) of {names} need the "
+          f"examples on the leading axis of the losses' predictions and of the batch "
+          f"arguments, but the predictions' leading axis has size {n} and no argument of "
+          "the loss function has that leading size (a vmapped ensemble whose outputs are "
+          "(members, batch, ...), say). Put the batch axis first in the predictions "
+          "(jax.vmap(..., out_axes=1) for an ensemble), or give these parameters another "
+          f"block: jkfac.estimator(..., overrides={{{layers[0].name!r}: 'none'}}).")
     unit_args = [a[:1] if b else a for a, b in zip(flat_args, batched)]
     unit = self._program(flat_params, unit_args, args_tree)
 

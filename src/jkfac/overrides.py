@@ -24,7 +24,7 @@ import dataclasses
 import fnmatch
 from typing import Any, Mapping, Optional, Sequence
 
-from jkfac.blocks import full
+from jkfac.blocks import full, stacked
 
 CHOICES = ("kronecker", "diagonal", "full", "none")
 _KRONECKER = frozenset({"dense", "conv", "embedding"})
@@ -74,14 +74,14 @@ def apply(layers: Sequence[Any], uses: Sequence[tuple[Any, ...]],
       options = tuple(o for o in layer.options if o[0] != "full") + (("full", choice == "full"),)
       new_layers.append(dataclasses.replace(layer, options=options, note=note))
       new_uses.append(layer_uses)
-    elif choice == "full":
-      size = full.size_of(layer)
+    elif choice == "full":  # per layer of a stack
+      size = full.size_of(stacked.unstacked(layer) if layer.stack else layer)
       if size > full.MAX_SIZE:
         raise ValueError(
             f"overrides: layer {layer.name!r} has {size} parameter entries, too many for a "
             f"'full' block (at most {full.MAX_SIZE}: its matrix would have {size}^2 "
             "entries). Use 'kronecker' or 'diagonal' for it.")
-      new_layers.append(type(layer)(layer.name, "full", layer.params, (), note))
+      new_layers.append(type(layer)(layer.name, "full", layer.params, (), note, layer.stack))
       new_uses.append(())
     elif choice in ("diagonal", "none"):
       kind = "diagonal" if choice == "diagonal" else "none"
