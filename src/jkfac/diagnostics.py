@@ -46,7 +46,9 @@ class Diagnostics(NamedTuple):
       `full`), `trace_F` and `condition_F` (largest over smallest
       eigenvalue of the moving average, inf when singular), and
       `damped_condition_F`, the condition number of the damped factor the
-      inverse was computed from (where the block keeps `F_inv`); with
+      inverse was computed from (where the block keeps `F_inv`); for a stack
+      of layers (or a grouped convolution's groups) the traces are summed
+      and the condition numbers and `pi` are the largest of its layers'; with
       `updates`, `update_norm`, and with `grads`, `grad_norm`.
   """
   overall: dict[str, Array]
