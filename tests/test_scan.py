@@ -253,28 +253,22 @@ class Block(nn.Module):
     return x + nn.Dense(self.width)(nn.gelu(h)), None
 
 
-class ScannedLM(nn.Module):
+class LM(nn.Module):
+  """The language model, its blocks stacked by `nn.scan(nn.remat(...))` or in a loop."""
   width: int = 8
   depth: int = LM_DEPTH
+  scanned: bool = True
 
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(VOCAB, self.width)(tokens)
-    stack = nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True},
-                    length=self.depth)
-    x, _ = stack(self.width, name="blocks")(x, None)
-    return nn.Dense(VOCAB)(nn.LayerNorm()(x))
-
-
-class UnrolledLM(nn.Module):
-  width: int = 8
-  depth: int = LM_DEPTH
-
-  @nn.compact
-  def __call__(self, tokens):
-    x = nn.Embed(VOCAB, self.width)(tokens)
-    for i in range(self.depth):
-      x, _ = Block(self.width, name=f"block_{i}")(x, None)
+    if self.scanned:
+      stack = nn.scan(nn.remat(Block), variable_axes={"params": 0},
+                      split_rngs={"params": True}, length=self.depth)
+      x, _ = stack(self.width, name="blocks")(x, None)
+    else:
+      for i in range(self.depth):
+        x, _ = Block(self.width, name=f"block_{i}")(x, None)
     return nn.Dense(VOCAB)(nn.LayerNorm()(x))
 
 
@@ -296,11 +290,11 @@ def _lm_unroll(tree):
 def _lm_problem():
   tokens = jax.random.randint(jax.random.PRNGKey(3), (BATCH, SEQUENCE), 0, VOCAB)
   targets = jnp.roll(tokens, -1, axis=1)
-  model = ScannedLM()
+  model = LM()
   params = jax.tree.map(lambda a: a.astype(jnp.float64),
                         model.init(KEY, tokens)["params"])
   scanned = jkfac.estimator(_lm_loss(model), params, tokens, targets, mode="exact")
-  unrolled = jkfac.estimator(_lm_loss(UnrolledLM()), _lm_unroll(params), tokens, targets,
+  unrolled = jkfac.estimator(_lm_loss(LM(scanned=False)), _lm_unroll(params), tokens, targets,
                              mode="exact")
   return params, (tokens, targets), scanned, unrolled
 
@@ -436,7 +430,7 @@ def test_a_layer_inside_cond_falls_back_with_the_reason():
 def _factorisations(depth: int) -> int:
   """Cholesky factorisations in the compiled program of a scanned LM's refresh step."""
   tokens = jax.random.randint(jax.random.PRNGKey(3), (4, SEQUENCE), 0, VOCAB)
-  model = ScannedLM(depth=depth)
+  model = LM(depth=depth)
   params = model.init(KEY, tokens)["params"]
   est = jkfac.estimator(_lm_loss(model), params, tokens, tokens)
   tx = jkfac.scale_by_kfac(est, damping=1e-2)

@@ -152,7 +152,7 @@ class Estimator:
 
   def _evaluate(self, params: Any, *args: Any, rng: Optional[Array] = None):
     """`__call__` after its checks, traceable."""
-    flat_params = self.check_params(params, "est(params, ...)")
+    flat_params = jax.tree_util.tree_leaves(params)
     flat_args, args_tree = jax.tree_util.tree_flatten(tuple(args))
     program = self._program(flat_params, flat_args, args_tree)
     (loss, aux), grads, inputs, preds, targets, backward = self._forward(
