@@ -3,6 +3,8 @@ shared over iterations (an RNN over time), against the same models unrolled
 in Python with the same weights."""
 
 import os
+import subprocess
+import sys
 
 import equinox as eqx
 import flax.linen as nn
@@ -448,6 +450,31 @@ def test_a_deeper_stack_has_no_more_factorisations():
   # One batched factorisation per stacked factor shape, however many layers.
   shallow, deep = _factorisations(2), _factorisations(12)
   assert shallow == deep > 0
+
+
+_REFRESH = """
+import jax, jkfac, test_scan as t
+tokens = jax.random.randint(jax.random.PRNGKey(3), (16, 32), 0, t.VOCAB)
+model = t.LM(width=64)
+params = model.init(t.KEY, tokens)["params"]
+est = jkfac.estimator(t._lm_loss(model), params, tokens, tokens)
+tx = jkfac.scale_by_kfac(est, damping=1.0)
+_, grads, stats = jax.jit(lambda p: est(p, tokens, tokens, rng=t.KEY))(params)
+update = jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))
+print(jax.block_until_ready(update(grads, tx.init(params), params, stats))[0]["Dense_0"])
+"""
+
+
+@_ONCE
+def test_a_scanned_transformer_of_real_width_refreshes_its_inverses():
+  # Regression: on one CPU device (not the suite's eight), a program of a
+  # dozen batched LAPACK calls (a scanned transformer's stacked inverses)
+  # deadlocked XLA:CPU (jaxlib 0.10) on 2 cores.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+  done = subprocess.run([sys.executable, "-c", _REFRESH], env=env, timeout=300,
+                        capture_output=True, text=True)
+  assert done.returncode == 0 and "kernel" in done.stdout, done.stderr[-2000:]
 
 
 def _ensemble(params, x):

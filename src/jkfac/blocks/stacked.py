@@ -6,9 +6,12 @@ layers: flax `nn.scan`, `nnx.scan`, haiku `hk.layer_stack`) or mapped by
 `jax.vmap` (an ensemble) is a stack of layers, `Layer.stack` its leading
 sizes. Each slice gets its own block of the layer's kind: factors with the
 stack's leading axes (one `A`, `G` per layer of a dense stack), inverted by one
-batched factorisation per factor (`jax.vmap` of the block's `inverse`: a
-batched Cholesky or eigendecomposition, not one kernel per layer) and
-preconditioned batched. The captured inputs and output derivatives of a
+factorisation kernel per factor for the whole stack (not one kernel per layer)
+and preconditioned batched. On accelerators the factorisations run batched
+(`jax.vmap` of the block's `inverse`); on CPU, where each LAPACK call is one
+matrix anyway, they run one slice after another in a loop (`jax.lax.map`):
+XLA:CPU in jaxlib 0.10 deadlocks on a program holding a dozen or more batched
+LAPACK calls on a 2-core machine, which a scanned transformer's inverses are. The captured inputs and output derivatives of a
 stacked use carry the stack's axes first (`tracing.Use.stack`).
 """
 
@@ -124,7 +127,7 @@ class Stacked(Block):
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
-    """Every slice's inverses, by one batched operation per factor.
+    """Every slice's inverses, by one factorisation kernel per factor.
 
     Args:
       layer: the stacked layer.
@@ -137,7 +140,9 @@ class Stacked(Block):
     """
     inner, depth = unstacked(layer), len(layer.stack)
     merged = jax.tree.map(lambda x: _merge(x, 0, depth), factors)
-    out = jax.vmap(lambda f: self.block.inverse(inner, f, damping, method))(merged)
+    batch_size = 1 if jax.default_backend() == "cpu" else math.prod(layer.stack)
+    out = jax.lax.map(lambda f: self.block.inverse(inner, f, damping, method), merged,
+                      batch_size=batch_size)
     return _split(out, layer.stack)
 
   def precondition(self, layer, inverse: dict[str, Array],
