@@ -214,6 +214,105 @@ def test_a_scanned_rnn_equals_its_unrolled_form(weight_sharing):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8), final, final_u)
 
 
+# Cells summing products before one bias: x @ Wx + h @ Wh + b, and a GRU
+
+
+def biased_rnn_params(key):
+  params = rnn_params(key)
+  params["b"] = 0.1 * jax.random.normal(jax.random.fold_in(key, 9), (WIDTH,), jnp.float64)
+  return params
+
+
+def _biased_cell(params, h, x):
+  return jnp.tanh(x @ params["wx"] + h @ params["wh"] + params["b"])
+
+
+def _gru_params(key):
+  k = jax.random.split(key, 8)
+  gates = {g: {"w": _normal(k[i], (FEATURES, WIDTH)), "u": _normal(k[i + 3], (WIDTH, WIDTH), 1.0),
+               "b": 0.1 * jax.random.normal(jax.random.fold_in(k[i], 1), (WIDTH,), jnp.float64)}
+           for i, g in enumerate("zrn")}
+  return {"gates": gates, "head": {"w": _normal(k[6], (WIDTH, CLASSES)),
+                                   "b": 0.1 * jax.random.normal(k[7], (CLASSES,), jnp.float64)}}
+
+
+def _gru_cell(params, h, x):
+  """A GRU cell as written by hand (Cho et al. 2014): each gate `x W + h U + b`."""
+  g = params["gates"]
+  z = jax.nn.sigmoid(x @ g["z"]["w"] + h @ g["z"]["u"] + g["z"]["b"])
+  r = jax.nn.sigmoid(x @ g["r"]["w"] + h @ g["r"]["u"] + g["r"]["b"])
+  n = jnp.tanh(x @ g["n"]["w"] + (r * h) @ g["n"]["u"] + g["n"]["b"])
+  return (1 - z) * n + z * h
+
+
+def _recurrent_losses(cell):
+  def scanned(params, xs, y):
+    h0 = jnp.zeros((xs.shape[0], WIDTH), xs.dtype)
+    h, _ = jax.lax.scan(lambda h, x: (cell(params, h, x), None), h0, jnp.swapaxes(xs, 0, 1))
+    return jkfac.softmax_cross_entropy(h @ params["head"]["w"] + params["head"]["b"], y)
+
+  def unrolled(params, xs, y):
+    h = jnp.zeros((xs.shape[0], WIDTH), xs.dtype)
+    for t in range(xs.shape[1]):
+      h = cell(params, h, xs[:, t])
+    return jkfac.softmax_cross_entropy(h @ params["head"]["w"] + params["head"]["b"], y)
+
+  return scanned, unrolled
+
+
+def _sequences():
+  x, y = bf.classification_data(BATCH, FEATURES * STEPS_IN_TIME, CLASSES)
+  return x.reshape(BATCH, STEPS_IN_TIME, FEATURES), y
+
+
+def test_an_rnn_cell_with_one_bias_is_one_dense_layer_over_x_h_and_1():
+  params, (xs, y) = biased_rnn_params(KEY), _sequences()
+  scanned_loss_fn, _ = _recurrent_losses(_biased_cell)
+  est = jkfac.estimator(scanned_loss_fn, params, xs, y, mode="exact")
+  cell = next(l for l in est.layers if l.name != "head")
+  assert [(p.path, p.role) for p in cell.params] == [("wx", "kernel"), ("b", "bias"),
+                                                     ("wh", "kernel")], str(est)
+  assert len(est.layers) == 2 and not [l for l in est.layers if l.kind == "diagonal"]
+  assert f"A {FEATURES + WIDTH + 1}x{FEATURES + WIDTH + 1}, G {WIDTH}x{WIDTH}" in str(est)
+  _, grads, stats = _stats(est, params, xs, y)
+  # A: the mean over examples and time steps of [x_t, h_{t-1}, 1] [x_t, h_{t-1}, 1]^T.
+  h, rows = jnp.zeros((BATCH, WIDTH)), []
+  for t in range(STEPS_IN_TIME):
+    rows.append(jnp.concatenate([xs[:, t], h, jnp.ones((BATCH, 1))], axis=1))
+    h = _biased_cell(params, h, xs[:, t])
+  a = jnp.concatenate(rows)
+  np.testing.assert_allclose(stats.factors[cell.name]["A"], a.T @ a / a.shape[0], rtol=1e-12)
+  # The update: A^{-1} [∇Wx; ∇Wh; ∇b] G^{-1}, split back into the three parameters.
+  tx = jkfac.scale_by_kfac(est, damping=1e-2)
+  updates, state = tx.update(grads, tx.init(params), params, stats=stats)
+  inv = state.inverses[cell.name]
+  stacked = jnp.concatenate([grads["wx"], grads["wh"], grads["b"][None]])
+  expected = inv["A_inv"] @ stacked @ inv["G_inv"]
+  for got, want in ((updates["wx"], expected[:FEATURES]),
+                    (updates["wh"], expected[FEATURES:-1]), (updates["b"], expected[-1])):
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("cell", [_biased_cell, _gru_cell], ids=["rnn", "gru"])
+def test_a_scanned_recurrent_cell_equals_its_unrolled_form(cell):
+  params = biased_rnn_params(KEY) if cell is _biased_cell else _gru_params(KEY)
+  xs, y = _sequences()
+  scanned, unrolled = (jkfac.estimator(f, params, xs, y, mode="exact")
+                       for f in _recurrent_losses(cell))
+  gates = 1 if cell is _biased_cell else 3  # one dense layer over [x, h, 1] per gate
+  assert [l.kind for l in scanned.layers] == ["dense"] * (gates + 1), str(scanned)
+  assert [(l.name, l.params) for l in scanned.layers] == [
+      (l.name, l.params) for l in unrolled.layers]
+  _, grads, stats = _stats(scanned, params, xs, y)
+  _, grads_u, stats_u = _stats(unrolled, params, xs, y)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), grads, grads_u)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-16),
+               stats.factors, stats_u.factors)
+  final, _ = _train(scanned, jkfac.kfac(scanned, inverse_every=2), params, (xs, y), 5)
+  final_u, _ = _train(unrolled, jkfac.kfac(unrolled, inverse_every=2), params, (xs, y), 5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8), final, final_u)
+
+
 def test_a_layer_tagged_inside_a_scan_is_the_layer_found_there():
   params = rnn_params(KEY)
   x, y = bf.classification_data(BATCH, FEATURES * STEPS_IN_TIME, CLASSES)

@@ -41,6 +41,9 @@ class Plan:
       layer input, returned after evaluation: one variable for a dense or
       convolution layer, the multiplicands of a scale (`x̂` of a
       normalisation, never materialised by the model), none for a shift.
+    concatenate: the use ids whose captured variables are concatenated
+      along their last (feature) axis instead: the inputs `[x, h]` of a
+      dense layer summing several products before one bias (an RNN cell).
     losses: (loss id, prediction variable, target variable) triples.
     nested: equation index -> (how to evaluate, plan of its inner jaxpr), for
       higher-order equations that contain layers or losses.
@@ -53,6 +56,7 @@ class Plan:
   consts: list[Any]
   perturb: dict[Var, int] = dataclasses.field(default_factory=dict)
   capture: dict[int, tuple[Var, ...]] = dataclasses.field(default_factory=dict)
+  concatenate: set[int] = dataclasses.field(default_factory=set)
   losses: list[tuple[int, Var, Var]] = dataclasses.field(default_factory=list)
   nested: dict[int, tuple[str, "Plan"]] = dataclasses.field(default_factory=dict)
   scan_axis: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -124,7 +128,9 @@ def run(plan: Plan, args: list[Any], perturbations: Mapping[int, Array]) -> Resu
       if use is not None and use in perturbations:
         val = val + perturbations[use].astype(val.dtype)
       env[v] = val
-  inputs.update({use: _product([read(v) for v in factors])
+  inputs.update({use: jnp.concatenate([read(v) for v in factors], axis=-1)
+                 if use in plan.concatenate
+                 else _product([read(v) for v in factors])
                  for use, factors in plan.capture.items()})
   predictions.update({k: (read(p), read(t)) for k, p, t in plan.losses})
   return Result([read(v) for v in plan.jaxpr.outvars], inputs, predictions)

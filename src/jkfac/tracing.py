@@ -445,22 +445,72 @@ class _Walker:
                      pending: list[_Pending]) -> set[Var]:
     """Finds dense and convolution biases and records the layers' uses.
 
+    Products summed before one bias (`x @ Wx + h @ Wh + b`, every RNN, GRU
+    and LSTM cell) are one dense layer over the concatenated input
+    `[x, h, 1]` (Martens, Ba & Johnson 2018).
+
     Returns:
       The outputs of the bias additions (not scale-and-shift layers).
     """
     consumers = _consumers(jaxpr)
     biased = set()
-    for match, x, out, x_axes, out_axes in pending:
-      bias, out, out_axes = self._bias(jaxpr, out, out_axes, consumers, origin,
+    for group, total in self._summed_products(jaxpr, consumers, origin, pending):
+      match, x, out, x_axes, out_axes = group[0]
+      bias, out, out_axes = self._bias(jaxpr, total, out_axes, consumers, origin,
                                        match.sliced_by)
       if bias is not None:
         biased.add(out)
-      match.leaves = (match.leaves[0], bias)
+      match.leaves = (match.leaves[0], bias) + tuple(m.leaves[0] for m, *_ in group[1:])
+      x_shape = tuple(x.aval.shape)
+      if len(group) > 1:
+        match.options += (("more_kernels", tuple(m.options for m, *_ in group[1:])),)
+        x_shape = x_shape[:-1] + (sum(p[1].aval.shape[-1] for p in group),)
+        for other, *_ in group[1:]:
+          self.matches.remove(other)
       match.use = Use(self._new_id(), x_axes=x_axes, out_axes=out_axes,
-                      x_shape=tuple(x.aval.shape), out_shape=tuple(out.aval.shape))
+                      x_shape=x_shape, out_shape=tuple(out.aval.shape))
       plan.perturb[out] = match.use.id
-      plan.capture[match.use.id] = (x,)
+      plan.capture[match.use.id] = tuple(p[1] for p in group)
+      if len(group) > 1:
+        plan.concatenate.add(match.use.id)
     return biased
+
+  def _summed_products(self, jaxpr: Jaxpr, consumers, origin, pending: list[_Pending]
+                       ) -> list[tuple[list[_Pending], Var]]:
+    """The pending products, grouped where several are summed before one bias.
+
+    A group is dense products of inputs whose one feature axis is the last,
+    alike in every other axis and in their outputs, added one after another
+    (`(x @ Wx + h @ Wh) + b`) and then to a bias; any other product is a
+    group of its own.
+
+    Returns:
+      (group, the sum of its products) pairs, in graph order.
+    """
+    by_out = {p[2]: p for p in pending}
+    grouped: set[Var] = set()
+    groups = []
+    for first in pending:
+      if first[2] in grouped:
+        continue
+      group, total = [first], first[2]
+      while first[0].kind == "dense" and total not in jaxpr.outvars:
+        users = consumers.get(total, [])
+        eqn = jaxpr.eqns[users[0]] if len(users) == 1 else None
+        if eqn is None or eqn.primitive.name != "add":
+          break
+        other = by_out.get(eqn.invars[1] if eqn.invars[0] is total else eqn.invars[0])
+        if other is None or other[2] in grouped or not _summable(first, other):
+          break
+        group.append(other)
+        total = eqn.outvars[0]
+      if len(group) > 1 and self._bias(jaxpr, total, first[4], consumers, origin,
+                                       first[0].sliced_by)[0] is None:
+        groups.extend(([p], p[2]) for p in group)  # no shared bias: separate layers
+      else:
+        groups.append((group, total))
+      grouped.update(p[2] for p in group)
+    return groups
 
   def _affine_candidate(self, eqn, ins: list[Any], found: list[_Affine]) -> None:
     if len(ins) != 2 or sum(o is not None for o in ins) != 1:
@@ -560,6 +610,15 @@ class _Walker:
         or view.sliced_by != sliced_by or self._slice_shape(view) != shape):
       return None, product, product_axes
     return view.leaf, eqn.outvars[0], out_axes
+
+
+def _summable(first: _Pending, other: _Pending) -> bool:
+  """Whether two dense products can be one layer over their concatenated inputs."""
+  (m, x, out, x_axes, out_axes), (n, y, out2, y_axes, out_axes2) = first, other
+  return (n.kind == "dense" and n.sliced_by == m.sliced_by and out_axes == out_axes2
+          and out.aval.shape == out2.aval.shape
+          and x_axes == (x.aval.ndim - 1,) and y_axes == (y.aval.ndim - 1,)
+          and x.aval.shape[:-1] == y.aval.shape[:-1])
 
 
 def _as_broadcast(view: Any) -> Optional[_BroadcastView]:
@@ -806,8 +865,10 @@ def _group(walker: _Walker, params: list[Param]) -> tuple[tuple[Layer, ...], tup
         notes.update({leaf: reason for leaf in m.leaves if leaf is not None})
       continue
     roles = blocks.REGISTRY[first.kind].roles
+    more = len(first.leaves) - len(roles)  # a dense layer's further kernels
     owned = tuple(dataclasses.replace(params[leaf], role=role)
-                  for leaf, role in zip(first.leaves, roles) if leaf is not None)
+                  for leaf, role in zip(first.leaves, roles + ("kernel",) * more)
+                  if leaf is not None)
     options = first.options + tuple((role, leaf is not None)
                                     for role, leaf in zip(roles[1:], first.leaves[1:]))
     note = first.source + (f", {len(group)} uses" if len(group) > 1 else "")

@@ -21,12 +21,17 @@ kernel) share the weight; the two approximations of Eschenhagen et al. (2023):
 
 The preconditioned gradient is `A^{-1} [W; b] G^{-1}` (section 4.2; the bias
 is the last row of `A`'s side).
+
+Several products summed before one bias, `x @ Wx + h @ Wh + b` (every RNN,
+GRU and LSTM cell), are one layer over the concatenated input `[x, h, 1]`
+(Martens, Ba & Johnson 2018): `W` is `[Wx; Wh]`, the kernels' matrices
+stacked (option `more_kernels` holds the further kernels' axes).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,31 +50,42 @@ def _features_last(x: Array, axes: Sequence[int], dtype: Any) -> Array:
   return x.reshape(x.shape[:x.ndim - len(axes)] + (-1,))
 
 
-def _kernel_order(layer) -> tuple[int, ...]:
-  return tuple(layer.option("in_axes")) + tuple(layer.option("out_axes"))
+def _layouts(layer) -> list[dict[str, tuple[int, ...]]]:
+  """Each kernel's `in_axes` and `out_axes`: the first's, then option `more_kernels`'."""
+  return [dict(options) for options in (layer.options, *layer.option("more_kernels", ()))]
 
 
-def kernel_matrix(layer, kernel: Array) -> Array:
-  """The kernel as the matrix `W`, shape `(in, out)`.
+def _kernel_rows(layout: dict[str, tuple[int, ...]], shape: Sequence[int]) -> int:
+  return math.prod(shape[a] for a in layout["in_axes"])
+
+
+def _kernel_matrix(layout: dict[str, tuple[int, ...]], kernel: Array) -> Array:
+  """A kernel as the matrix `W`, shape `(in, out)`.
 
   Args:
-    layer: the dense layer (`tracing.Layer`), with options `in_axes` and
-      `out_axes`.
+    layout: the kernel's `in_axes` and `out_axes` (a dense layer's options).
     kernel: the kernel leaf, or an array of its shape (its gradient).
 
   Returns:
     `kernel` with its `in_axes` (in that order) flattened into the rows and
     its `out_axes` into the columns.
   """
-  shape = kernel.shape
-  matrix = jnp.transpose(kernel, _kernel_order(layer))
-  return matrix.reshape(math.prod(shape[a] for a in layer.option("in_axes")), -1)
+  order = tuple(layout["in_axes"]) + tuple(layout["out_axes"])
+  return jnp.transpose(kernel, order).reshape(_kernel_rows(layout, kernel.shape), -1)
 
 
-def _kernel_from_matrix(layer, matrix: Array, shape: Sequence[int]) -> Array:
-  order = _kernel_order(layer)
+def _kernel_from_matrix(layout: dict[str, tuple[int, ...]], matrix: Array,
+                        shape: Sequence[int]) -> Array:
+  order = tuple(layout["in_axes"]) + tuple(layout["out_axes"])
   kernel = matrix.reshape(tuple(shape[a] for a in order))
   return jnp.transpose(kernel, [order.index(a) for a in range(len(shape))])
+
+
+def _split_params(layer, grads: Sequence[Array]) -> tuple[list[Array], Optional[Array]]:
+  """The kernels (first, then `more_kernels`) and the bias (or None) of `grads`."""
+  bias = layer.option("bias")
+  kernels = [grads[0], *grads[2 if bias else 1:]]
+  return kernels, grads[1] if bias else None
 
 
 def gradient_matrix(layer, grads: Sequence[Array], dtype: Any) -> Array:
@@ -77,37 +93,46 @@ def gradient_matrix(layer, grads: Sequence[Array], dtype: Any) -> Array:
 
   Args:
     layer: the dense layer (`tracing.Layer`).
-    grads: the kernel's gradient, and the bias's when the layer has one
-      (option `bias`).
+    grads: the gradients of its parameters, in `layer.params` order: the
+      kernel, the bias when the layer has one (option `bias`), then the
+      further kernels of a layer summing several products (option
+      `more_kernels`).
     dtype: the matrix's dtype.
 
   Returns:
-    `∇W` as `kernel_matrix` lays it out, with `∇b` as an extra last row when
+    Each kernel's gradient as `_kernel_matrix` lays it out, stacked in the
+    order of the layer's input features, with `∇b` as an extra last row when
     the layer has a bias.
   """
-  v = kernel_matrix(layer, grads[0].astype(dtype))
-  if layer.option("bias"):
-    v = jnp.concatenate([v, grads[1].astype(dtype).reshape(1, -1)], axis=0)
-  return v
+  kernels, bias = _split_params(layer, grads)
+  rows = [_kernel_matrix(layout, g.astype(dtype)) for layout, g in zip(_layouts(layer), kernels)]
+  if bias is not None:
+    rows.append(bias.astype(dtype).reshape(1, -1))
+  return jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
 
 
 def split_matrix(layer, u: Array, grads: Sequence[Array]) -> tuple[Array, ...]:
-  """Splits `[U_W; u_b]` back into the kernel and bias, shaped and typed as `grads`.
+  """Splits `[U_W; u_b]` back into the parameters, shaped and typed as `grads`.
 
   Args:
     layer: the dense layer (`tracing.Layer`).
     u: a matrix laid out as `gradient_matrix` returns it, `(in[+1], out)`.
-    grads: the kernel's gradient, and the bias's when the layer has one:
-      the shapes and dtypes to give the pieces.
+    grads: the gradients of the layer's parameters: the shapes and dtypes to
+      give the pieces.
 
   Returns:
-    `(kernel,)` or `(kernel, bias)`: the inverse of `gradient_matrix`.
+    One array per parameter, in `layer.params` order: the inverse of
+    `gradient_matrix`.
   """
-  rows = u.shape[0] - (1 if layer.option("bias") else 0)
-  out = (_kernel_from_matrix(layer, u[:rows], grads[0].shape).astype(grads[0].dtype),)
-  if layer.option("bias"):
-    out += (u[rows].reshape(grads[1].shape).astype(grads[1].dtype),)
-  return out
+  kernels, bias = _split_params(layer, grads)
+  pieces, start = [], 0
+  for layout, g in zip(_layouts(layer), kernels):
+    rows = _kernel_rows(layout, g.shape)
+    pieces.append(_kernel_from_matrix(layout, u[start:start + rows], g.shape).astype(g.dtype))
+    start += rows
+  if bias is None:
+    return tuple(pieces)
+  return (pieces[0], u[start].reshape(bias.shape).astype(bias.dtype), *pieces[1:])
 
 
 class DenseBlock(Block):
@@ -180,9 +205,9 @@ class DenseBlock(Block):
     return split_matrix(layer, inverse["A_inv"] @ v @ inverse["G_inv"], grads)
 
   def describe(self, layer) -> str:
-    shape = layer.params[0].shape
-    fan_in = math.prod(shape[i] for i in layer.option("in_axes"))
-    fan_out = math.prod(shape[i] for i in layer.option("out_axes"))
+    kernels, _ = _split_params(layer, [p.shape for p in layer.params])
+    fan_in = sum(_kernel_rows(layout, shape) for layout, shape in zip(_layouts(layer), kernels))
+    fan_out = math.prod(kernels[0][i] for i in layer.option("out_axes"))
     a = fan_in + (1 if layer.option("bias") else 0)
     sharing = ", reduce" if layer.option("weight_sharing") == "reduce" else ""
     return f"A {a}x{a}, G {fan_out}x{fan_out}{sharing}"
