@@ -574,23 +574,3 @@ def test_a_scanned_transformer_of_real_width_refreshes_its_inverses():
   done = subprocess.run([sys.executable, "-c", _REFRESH], env=env, timeout=300,
                         capture_output=True, text=True)
   assert done.returncode == 0 and "kernel" in done.stdout, done.stderr[-2000:]
-
-
-def _ensemble(params, x):
-  """A vmapped ensemble of tanh MLPs with stacked parameters, member-major outputs."""
-  member = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
-  return jax.vmap(member, in_axes=(0, None))(params, x)
-
-
-def test_a_member_major_ensemble_gets_a_clear_error_not_a_jax_one():
-  members, hidden = 4, 8
-  k = jax.random.split(KEY, 2)
-  params = {"w1": _normal(k[0], (members, FEATURES, hidden)),
-            "w2": _normal(k[1], (members, hidden, CLASSES))}
-  x, y = bf.classification_data(BATCH, FEATURES, CLASSES)
-  loss_fn = lambda p, x, y: jkfac.softmax_cross_entropy(
-      _ensemble(p, x), jnp.broadcast_to(y, (members, y.shape[0])))
-  est = jkfac.estimator(loss_fn, params, x, y)
-  with pytest.raises(ValueError, match="(?s)per-example gradients.*'w2'.*leading axis has "
-                                       "size 4.*out_axes=1.*overrides"):
-    est(params, x, y, rng=KEY)

@@ -71,9 +71,12 @@ def _is_matrix(key: str, factor: Array) -> bool:
   return not key.startswith("diag") and factor.ndim >= 2 and factor.shape[-1] == factor.shape[-2]
 
 
-def _spectrum(key: str, factor: Array) -> Array:
-  """Eigenvalues of a symmetric factor (per group), or a diagonal's entries."""
-  return jnp.linalg.eigvalsh(factor) if _is_matrix(key, factor) else factor.reshape(1, -1)
+def _spectrum(key: str, factor: Array, stack: tuple[int, ...] = ()) -> Array:
+  """Eigenvalues of a symmetric factor (per group), or a diagonal's entries (per
+  layer of a stack of `stack` layers: the stack's axes lead)."""
+  if _is_matrix(key, factor):
+    return jnp.linalg.eigvalsh(factor)
+  return factor.reshape(math.prod(stack), -1)
 
 
 def _trace(key: str, factor: Array) -> Array:
@@ -137,9 +140,10 @@ def diagnostics(est: Estimator, opt_state: Any, updates: Any = None,
       if key.endswith("_next"):  # block-tridiagonal cross moments
         continue
       figures[f"trace_{key}"] = _trace(key, factor)
-      figures[f"condition_{key}"] = _condition(_spectrum(key, factor))
+      figures[f"condition_{key}"] = _condition(_spectrum(key, factor, layer.stack))
       if f"{key}_inv" in inverse:  # cond(M^{-1}) = cond(M)
-        figures[f"damped_condition_{key}"] = _condition(_spectrum(key, inverse[f"{key}_inv"]))
+        figures[f"damped_condition_{key}"] = _condition(
+            _spectrum(key, inverse[f"{key}_inv"], layer.stack))
     for name, leaves in flat.items():
       if leaves is not None:
         figures[f"{name[:-1]}_norm"] = _norm([leaves[p.index] for p in layer.params])

@@ -16,7 +16,7 @@ their captured inputs stacked with the outputs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,16 @@ class Plan:
     concatenate: the use ids whose captured variables are concatenated
       along their last (feature) axis instead: the inputs `[x, h]` of a
       dense layer summing several products before one bias (an RNN cell).
+    capture_column: use id -> the column of its captured variable's last
+      axis that holds the input: the row ids of a lookup whose indices
+      also give the (always 0) start along the table's features (an
+      `eqx.nn.Embedding` vmapped over the batch).
+    stack_layout: for a use of a stack of layers mapped by `jax.vmap` (an
+      ensemble), use id -> (the stack's axes in its captured input, None
+      for an input shared by the stack, which is broadcast; the stack's
+      axes in its perturbed output; the stack's sizes). The perturbation
+      arrives, and the input is returned, with the stack's axes leading
+      (`tracing.Use`), wherever the model's arrays hold them.
     losses: (loss id, prediction variable, target variable) triples.
     nested: equation index -> (how to evaluate, plan of its inner jaxpr), for
       higher-order equations that contain layers or losses.
@@ -57,6 +67,9 @@ class Plan:
   perturb: dict[Var, int] = dataclasses.field(default_factory=dict)
   capture: dict[int, tuple[Var, ...]] = dataclasses.field(default_factory=dict)
   concatenate: set[int] = dataclasses.field(default_factory=set)
+  capture_column: dict[int, int] = dataclasses.field(default_factory=dict)
+  stack_layout: dict[int, tuple[Optional[tuple[int, ...]], tuple[int, ...], tuple[int, ...]]] = (
+      dataclasses.field(default_factory=dict))
   losses: list[tuple[int, Var, Var]] = dataclasses.field(default_factory=list)
   nested: dict[int, tuple[str, "Plan"]] = dataclasses.field(default_factory=dict)
   scan_axis: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -126,12 +139,22 @@ def run(plan: Plan, args: list[Any], perturbations: Mapping[int, Array]) -> Resu
     for v, val in zip(eqn.outvars, outvals):
       use = plan.perturb.get(v)
       if use is not None and use in perturbations:
-        val = val + perturbations[use].astype(val.dtype)
+        perturbation = perturbations[use]
+        if use in plan.stack_layout:
+          _, axes, _ = plan.stack_layout[use]
+          perturbation = jnp.moveaxis(perturbation, tuple(range(len(axes))), axes)
+        val = val + perturbation.astype(val.dtype)
       env[v] = val
-  inputs.update({use: jnp.concatenate([read(v) for v in factors], axis=-1)
-                 if use in plan.concatenate
-                 else _product([read(v) for v in factors])
-                 for use, factors in plan.capture.items()})
+  for use, factors in plan.capture.items():
+    values = [read(v) for v in factors]
+    x = jnp.concatenate(values, axis=-1) if use in plan.concatenate else _product(values)
+    if use in plan.capture_column:
+      x = x[..., plan.capture_column[use]]
+    if use in plan.stack_layout:
+      axes, _, sizes = plan.stack_layout[use]
+      x = (jnp.broadcast_to(x, sizes + x.shape) if axes is None
+           else jnp.moveaxis(x, axes, tuple(range(len(axes)))))
+    inputs[use] = x
   predictions.update({k: (read(p), read(t)) for k, p, t in plan.losses})
   return Result([read(v) for v in plan.jaxpr.outvars], inputs, predictions)
 

@@ -38,6 +38,9 @@ _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
 _CHECKPOINTS = frozenset({"remat2", "checkpoint", "remat"})
+# Shape-preserving operations that mix the entries along an axis.
+_MIXING = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "sort", "rev",
+                     "dynamic_update_slice", "scatter", "scatter-add", "scatter_add"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,12 +192,16 @@ class _Match:
   options: tuple[tuple[str, Any], ...]
   source: str
   problem: Optional[str] = None  # why it must fall back after all
-  sliced_by: tuple[int, ...] = ()  # the scans that slice its parameters
+  sliced_by: tuple[int, ...] = ()  # the scans (and vmaps) that slice its parameters
+  member_axis: Optional[int] = None  # its product's axis from the kernel's leading one
+  members: bool = False  # that axis indexes a vmapped stack (found by a later layer)
 
 
 # A dense or convolution match awaiting its bias: (match, input, output,
-# input feature axes, output feature axes).
-_Pending = tuple[_Match, Var, Var, tuple[int, ...], tuple[int, ...]]
+# input feature axes, output feature axes, the axes of a vmapped stack in the
+# input (None: an input the stack shares) and in the output).
+_Pending = tuple[_Match, Var, Var, tuple[int, ...], tuple[int, ...],
+                 Optional[tuple[int, ...]], tuple[int, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,11 +224,19 @@ class _Walker:
     self.matches: list[_Match] = []
     self.losses: list[Loss] = []
     self.consumers: dict[int, set[str]] = {}
+    # Activations with an axis that may index a vmapped stack: var -> (the
+    # dense match whose kernel's leading axis it comes from, the axis).
+    self._members: dict[Var, tuple[_Match, int]] = {}
+    self.vmaps: set[int] = set()  # the ids in `sliced_by` of vmapped stacks
     self._next_id = 0
 
   def _new_id(self) -> int:
     self._next_id += 1
     return self._next_id - 1
+
+  def _new_vmap(self) -> int:
+    self.vmaps.add(self._next_id)
+    return self._new_id()
 
   def walk(self, jaxpr: Jaxpr, consts: list[Any], origins: list[Any]) -> tuple[interpret.Plan, list[Any]]:
     plan = interpret.Plan(jaxpr, list(consts))
@@ -243,6 +258,7 @@ class _Walker:
       elif name == "gather":
         self._embedding(eqn, ins, plan)
       elif name in _CALLS or name in _CHECKPOINTS:
+        self._follow_members(eqn)
         outs = self._nested(index, eqn, ins, plan)
       elif name == "scan":
         outs = self._scan(index, eqn, ins, plan)
@@ -254,6 +270,7 @@ class _Walker:
             self._affine_candidate(eqn, ins, affine)
         if not any(o is not None for o in outs) and _inner_jaxprs(eqn):
           self._check_no_tags_inside(eqn)
+        self._follow_members(eqn)
       origin.update({v: o for v, o in zip(eqn.outvars, outs) if o is not None})
     biases = self._finish_layers(jaxpr, plan, origin, pending)
     self._finish_affine(jaxpr, plan, origin, [a for a in affine if a.out not in biases])
@@ -265,6 +282,27 @@ class _Walker:
     for o in ins:
       if o is not None:
         self.consumers.setdefault(o.leaf, set()).add(name)
+
+  def _follow_members(self, eqn) -> None:
+    """Follows an axis that may index a vmapped stack through elementwise work.
+
+    A transpose moves it; an operation whose output has the shape of the
+    followed input, the other operands broadcast along the axis or alike
+    (activations, biases, residual sums, `jit`-wrapped functions such as
+    `jax.nn.relu`), keeps it.
+    """
+    followed = [v for v in eqn.invars if not isinstance(v, Literal) and v in self._members]
+    if not followed or len(eqn.outvars) != 1:
+      return
+    match, axis = self._members[followed[0]]
+    var, out = followed[0], eqn.outvars[0]
+    if eqn.primitive.name == "transpose":
+      self._members[out] = (match, tuple(eqn.params["permutation"]).index(axis))
+    elif out.aval.shape == var.aval.shape and eqn.primitive.name not in _MIXING and all(
+        isinstance(v, Literal) or v.aval.ndim == 0
+        or (v.aval.ndim == out.aval.ndim and v.aval.shape[axis] in (1, out.aval.shape[axis]))
+        for v in eqn.invars):
+      self._members[out] = (match, axis)
 
   def _check_no_tags_inside(self, eqn, layer_tags: bool = True) -> None:
     """Refuses a loss (or a layer tag) inside control flow the walk does not enter."""
@@ -297,6 +335,9 @@ class _Walker:
       if closed is None:
         return [None] * len(eqn.outvars)
       inner, consts, how = _open(closed) + (interpret.INLINE,)
+    for outer, inner_var in zip(eqn.invars, inner.invars):
+      if not isinstance(outer, Literal) and outer in self._members:
+        self._members[inner_var] = self._members[outer]
     inner_plan, inner_outs = self.walk(inner, consts, ins)
     if inner_plan.active:
       plan.nested[index] = (how, inner_plan)
@@ -380,32 +421,52 @@ class _Walker:
 
   def _dense(self, index: int, eqn, ins: list[Any], plan: interpret.Plan,
              pending: list[_Pending]) -> None:
-    """`dot_general` of an activation and a kernel view, contracting any of its axes."""
+    """`dot_general` of an activation and a kernel view, contracting any of its axes.
+
+    Batch dimensions pairing the kernel's leading axes with activation axes
+    (a `jax.vmap` over stacked parameters: an ensemble, experts) make a
+    stack of layers, one per slice.
+    """
     (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
     found = None
-    if not lhs_b and not rhs_b and lhs_c:
-      for side in (1, 0):
-        view, other = ins[side], ins[1 - side]
-        if (isinstance(view, _LeafView) and len(view.perm) >= 2 and other is None
-            and view.leaf not in self.claimed and len(lhs_c) < len(view.perm)):
-          found = side, view
-          break
+    for side in (1, 0):
+      view, other = ins[side], ins[1 - side]
+      kernel_batch = tuple(rhs_b if side == 1 else lhs_b)
+      if (isinstance(view, _LeafView) and other is None and view.leaf not in self.claimed
+          and lhs_c and len(lhs_c) + len(kernel_batch) < len(view.perm)
+          and tuple(view.perm[a] for a in kernel_batch) == tuple(range(len(kernel_batch)))):
+        found = side, view
+        break
     if found is None:
       self._record_consumers("dot_general", ins, [None])
       return
     side, view = found
-    param_contract = tuple(rhs_c if side == 1 else lhs_c)
-    x_axes = tuple(lhs_c if side == 1 else rhs_c)
-    free = [a for a in range(len(view.perm)) if a not in param_contract]
-    out = eqn.outvars[0]
-    x_free = eqn.invars[1 - side].aval.ndim - len(x_axes)
-    out_axes = tuple(range(x_free, x_free + len(free)) if side == 1 else range(len(free)))
-    options = (("in_axes", tuple(view.perm[a] for a in param_contract)),
-               ("out_axes", tuple(view.perm[a] for a in free)))
-    match = _Match("dense", (view.leaf, None), None, options, "found",
-                   sliced_by=view.sliced_by)
+    param_contract, param_batch = (rhs_c, rhs_b) if side == 1 else (lhs_c, lhs_b)
+    x_axes, x_batch = (lhs_c, lhs_b) if side == 1 else (rhs_c, rhs_b)
+    depth = len(param_batch)
+    x, out = eqn.invars[1 - side], eqn.outvars[0]
+    free = [a for a in range(len(view.perm)) if a not in param_contract and a not in param_batch]
+    x_free = x.aval.ndim - len(x_axes) - depth
+    first = depth + (x_free if side == 1 else 0)  # dot_general: batch, lhs free, rhs free
+    out_axes = tuple(range(first, first + len(free)))
+    options = (("in_axes", tuple(view.perm[a] - depth for a in param_contract)),
+               ("out_axes", tuple(view.perm[a] - depth for a in free)))
+    sliced_by = view.sliced_by
+    if depth:
+      sliced_by += (self._new_vmap(),)
+      member = self._members.get(x)
+      if (depth == 1 and member is not None and member[1] == x_batch[0]
+          and self.leaf_shapes[member[0].leaves[0]][len(member[0].sliced_by)]
+          == out.aval.shape[0]):
+        member[0].members = True  # the stack's first layer, its input shared
+    match = _Match("dense", (view.leaf, None), None, options, "found", sliced_by=sliced_by)
+    leading = [a for a in free if view.perm[a] == 0]
+    if not depth and leading and len(free) > 1:
+      match.member_axis = out_axes[free.index(leading[0])]
+      self._members[out] = (match, match.member_axis)
     self.matches.append(match)  # completed by _finish_layers, once bias views are known
-    pending.append((match, eqn.invars[1 - side], out, x_axes, out_axes))
+    pending.append((match, x, out, tuple(x_axes), out_axes, tuple(x_batch),
+                    tuple(range(depth))))
 
   def _conv(self, eqn, ins: list[Any], pending: list[_Pending]) -> None:
     view, other = ins[1], ins[0]
@@ -419,25 +480,43 @@ class _Walker:
                    sliced_by=view.sliced_by)
     self.matches.append(match)
     pending.append((match, eqn.invars[0], eqn.outvars[0], (spec.lhs_spec[1],),
-                    (spec.out_spec[1],)))
+                    (spec.out_spec[1],), (), ()))
 
   def _embedding(self, eqn, ins: list[Any], plan: interpret.Plan) -> None:
-    """A row lookup `table[ids]` (`jnp.take`, indexing, flax `Embed`)."""
+    """A row lookup `table[ids]` (`jnp.take`, indexing, flax `Embed`).
+
+    Also the lookup of one id per example vmapped over the batch
+    (`eqx.nn.Embedding`): indices `(..., 2)` start each slice at row `id`
+    and feature 0, the slice a whole row, clamped, so the second index is
+    always 0.
+    """
     view, ids, out = ins[0], eqn.invars[1], eqn.outvars[0]
     numbers = eqn.params["dimension_numbers"]
+    batching = tuple(getattr(numbers, "operand_batching_dims", ()))
     if not (isinstance(view, _LeafView) and view.perm == (0, 1) and ins[1] is None
-            and view.leaf not in self.claimed
-            and tuple(numbers.collapsed_slice_dims) == (0,)
-            and tuple(numbers.start_index_map) == (0,)
-            and tuple(numbers.offset_dims) == (out.aval.ndim - 1,)
-            and not tuple(getattr(numbers, "operand_batching_dims", ()))
+            and view.leaf not in self.claimed and not batching
             and tuple(eqn.params["slice_sizes"]) == (1, self._slice_shape(view)[1])):
       self._record_consumers("gather", ins, [None])
       return
-    use = Use(self._new_id(), x_axes=(ids.aval.ndim - 1,), out_axes=(out.aval.ndim - 1,),
-              x_shape=tuple(ids.aval.shape), out_shape=tuple(out.aval.shape))
+    rank = out.aval.ndim
+    column = None
+    if (tuple(numbers.collapsed_slice_dims) == (0,) and tuple(numbers.start_index_map) == (0,)
+        and tuple(numbers.offset_dims) == (rank - 1,)):
+      x_shape = tuple(ids.aval.shape)
+    elif (tuple(numbers.collapsed_slice_dims) == () and tuple(numbers.start_index_map) == (0, 1)
+          and tuple(numbers.offset_dims) == (rank - 2, rank - 1) and ids.aval.shape[-1] == 2
+          and eqn.params["mode"] in (jax.lax.GatherScatterMode.CLIP,
+                                     jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)):
+      x_shape, column = tuple(ids.aval.shape[:-1]), 0
+    else:
+      self._record_consumers("gather", ins, [None])
+      return
+    use = Use(self._new_id(), x_axes=(len(x_shape) - 1,), out_axes=(rank - 1,),
+              x_shape=x_shape, out_shape=tuple(out.aval.shape))
     plan.perturb[out] = use.id
     plan.capture[use.id] = (ids,)
+    if column is not None:
+      plan.capture_column[use.id] = column
     self.matches.append(_Match("embedding", (view.leaf,), use, (), "found",
                                sliced_by=view.sliced_by))
 
@@ -455,9 +534,16 @@ class _Walker:
     consumers = _consumers(jaxpr)
     biased = set()
     for group, total in self._summed_products(jaxpr, consumers, origin, pending):
-      match, x, out, x_axes, out_axes = group[0]
-      bias, out, out_axes = self._bias(jaxpr, total, out_axes, consumers, origin,
-                                       match.sliced_by)
+      match, x, out, x_axes, out_axes, x_stack, out_stack = group[0]
+      if match.members:  # the first layer of a vmapped stack: its input is shared
+        x_stack, out_stack = None, (match.member_axis,)
+        out_axes = tuple(a for a in out_axes if a != match.member_axis)
+        layout = dict(match.options)
+        match.options = (("in_axes", tuple(a - 1 for a in layout["in_axes"])),
+                         ("out_axes", tuple(a - 1 for a in layout["out_axes"] if a)))
+        match.sliced_by += (self._new_vmap(),)
+      bias, out, out_axes, out_stack = self._bias(jaxpr, total, out_axes, out_stack,
+                                                  consumers, origin, match.sliced_by)
       if bias is not None:
         biased.add(out)
       match.leaves = (match.leaves[0], bias) + tuple(m.leaves[0] for m, *_ in group[1:])
@@ -467,12 +553,22 @@ class _Walker:
         x_shape = x_shape[:-1] + (sum(p[1].aval.shape[-1] for p in group),)
         for other, *_ in group[1:]:
           self.matches.remove(other)
-      match.use = Use(self._new_id(), x_axes=x_axes, out_axes=out_axes,
-                      x_shape=x_shape, out_shape=tuple(out.aval.shape))
+      out_shape = tuple(out.aval.shape)
+      if out_stack:  # the use as the block sees it: the stack's axes first
+        sizes = tuple(out_shape[a] for a in out_stack)
+        if x_stack is None:
+          x_shape, x_axes = sizes + x_shape, tuple(a + len(sizes) for a in x_axes)
+        else:
+          x_shape, x_axes = _stack_first(x_shape, x_stack, x_axes)
+        out_shape, out_axes = _stack_first(out_shape, out_stack, out_axes)
+      match.use = Use(self._new_id(), x_axes=x_axes, out_axes=out_axes, x_shape=x_shape,
+                      out_shape=out_shape, stack=len(out_stack))
       plan.perturb[out] = match.use.id
       plan.capture[match.use.id] = tuple(p[1] for p in group)
       if len(group) > 1:
         plan.concatenate.add(match.use.id)
+      if out_stack:
+        plan.stack_layout[match.use.id] = (x_stack, out_stack, sizes)
     return biased
 
   def _summed_products(self, jaxpr: Jaxpr, consumers, origin, pending: list[_Pending]
@@ -504,7 +600,7 @@ class _Walker:
           break
         group.append(other)
         total = eqn.outvars[0]
-      if len(group) > 1 and self._bias(jaxpr, total, first[4], consumers, origin,
+      if len(group) > 1 and self._bias(jaxpr, total, first[4], (), consumers, origin,
                                        first[0].sliced_by)[0] is None:
         groups.extend(([p], p[2]) for p in group)  # no shared bias: separate layers
       else:
@@ -582,43 +678,76 @@ class _Walker:
     self.matches.append(_Match("scale_and_shift", leaves, use, (("axes", (axis,)),), "found",
                                sliced_by=sliced_by))
 
-  def _bias(self, jaxpr: Jaxpr, out: Var, out_axes: tuple[int, ...], consumers, origin,
-            sliced_by: tuple[int, ...]) -> tuple[Optional[int], Var, tuple[int, ...]]:
-    """The bias added to a product, if any: its leaf, the sum, the sum's feature axes.
+  def _bias(self, jaxpr: Jaxpr, out: Var, out_axes: tuple[int, ...],
+            out_stack: tuple[int, ...], consumers, origin, sliced_by: tuple[int, ...]
+            ) -> tuple[Optional[int], Var, tuple[int, ...], tuple[int, ...]]:
+    """The bias added to a product, if any: its leaf, the sum, the sum's feature
+    and stack axes.
 
     The product may be transposed first (a model written for one example and
     vmapped over the batch computes `W x`, then moves the batch axis first).
-    Without a bias: None, and the product with its own axes.
+    The bias of a vmapped stack (`out_stack`, the stack's axes) is stacked
+    alike. Without a bias: None, and the product with its own axes.
     """
-    product, product_axes = out, out_axes
+    product = (None, out, out_axes, out_stack)
+    out = _through_reshapes(jaxpr, out, consumers)
     users = consumers.get(out, [])
     if (len(users) == 1 and out not in jaxpr.outvars
         and jaxpr.eqns[users[0]].primitive.name == "transpose"):
       moved = jaxpr.eqns[users[0]]
       perm = tuple(moved.params["permutation"])
-      out, out_axes = moved.outvars[0], tuple(perm.index(a) for a in out_axes)
+      out = moved.outvars[0]
+      out_axes, out_stack = (tuple(perm.index(a) for a in axes) for axes in (out_axes, out_stack))
       users = consumers.get(out, [])
     if len(users) != 1 or out in jaxpr.outvars:
-      return None, product, product_axes
+      return product
     eqn = jaxpr.eqns[users[0]]
     if eqn.primitive.name != "add" or eqn.outvars[0].aval.shape != out.aval.shape:
-      return None, product, product_axes
+      return product
     other = eqn.invars[1] if eqn.invars[0] is out else eqn.invars[0]
     view = None if isinstance(other, Literal) else _as_broadcast(origin.get(other))
-    shape = tuple(out.aval.shape[a] for a in out_axes)
-    if (view is None or view.axes != out_axes or view.leaf in self.claimed
-        or view.sliced_by != sliced_by or self._slice_shape(view) != shape):
-      return None, product, product_axes
-    return view.leaf, eqn.outvars[0], out_axes
+    if (view is None or view.leaf in self.claimed
+        or view.sliced_by != sliced_by[:len(sliced_by) - len(out_stack)]):
+      return product
+    # The bias's axes are the stack's and the features', but for size-1 axes
+    # (a convolution bias stored as (channels, 1, 1)).
+    shape = out.aval.shape
+    leaf_axes = [(a, n) for a, n in zip(view.axes, self._slice_shape(view)) if n != 1]
+    if leaf_axes != [(a, shape[a]) for a in out_stack + out_axes if shape[a] != 1]:
+      return product
+    return view.leaf, eqn.outvars[0], out_axes, out_stack
+
+
+def _through_reshapes(jaxpr: Jaxpr, var: Var, consumers) -> Var:
+  """`var`, or the end of a chain of reshapes that gives it back its shape
+  (`jax.vmap` adds and squeezes size-1 axes around a convolution)."""
+  end, current = var, var
+  while current not in jaxpr.outvars and len(consumers.get(current, [])) == 1:
+    eqn = jaxpr.eqns[consumers[current][0]]
+    if eqn.primitive.name not in ("reshape", "squeeze", "expand_dims"):
+      break
+    current = eqn.outvars[0]
+    if current.aval.shape == var.aval.shape:
+      end = current
+  return end
 
 
 def _summable(first: _Pending, other: _Pending) -> bool:
   """Whether two dense products can be one layer over their concatenated inputs."""
-  (m, x, out, x_axes, out_axes), (n, y, out2, y_axes, out_axes2) = first, other
+  (m, x, out, x_axes, out_axes, _, stack), (n, y, out2, y_axes, out_axes2, _, stack2) = (
+      first, other)
   return (n.kind == "dense" and n.sliced_by == m.sliced_by and out_axes == out_axes2
+          and not (stack or stack2 or m.member_axis is not None or n.member_axis is not None)
           and out.aval.shape == out2.aval.shape
           and x_axes == (x.aval.ndim - 1,) and y_axes == (y.aval.ndim - 1,)
           and x.aval.shape[:-1] == y.aval.shape[:-1])
+
+
+def _stack_first(shape: tuple[int, ...], stack: tuple[int, ...], axes: tuple[int, ...]
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """A shape with the `stack` axes moved first, and where `axes` go."""
+  order = list(stack) + [a for a in range(len(shape)) if a not in stack]
+  return tuple(shape[a] for a in order), tuple(order.index(a) for a in axes)
 
 
 def _as_broadcast(view: Any) -> Optional[_BroadcastView]:
@@ -874,7 +1003,7 @@ def _group(walker: _Walker, params: list[Param]) -> tuple[tuple[Layer, ...], tup
     note = first.source + (f", {len(group)} uses" if len(group) > 1 else "")
     stack = owned[0].shape[:len(first.sliced_by)]
     layers.append(Layer(_layer_name([p.path for p in owned]), first.kind, owned, options,
-                        note + (", stacked by scan" if stack else ""), stack))
+                        note + _stacked_by(first.sliced_by, walker.vmaps), stack))
     uses.append(tuple(m.use for m in group))
   owned_leaves = {p.index for layer in layers for p in layer.params}
   for p in params:
@@ -887,6 +1016,12 @@ def _group(walker: _Walker, params: list[Param]) -> tuple[tuple[Layer, ...], tup
     layers.append(Layer(p.path, "diagonal", (dataclasses.replace(p, role="param"),), (), note))
     uses.append(())
   return _unique_names(layers), tuple(uses)
+
+
+def _stacked_by(sliced_by: tuple[int, ...], vmaps: set[int]) -> str:
+  """The layer note's mention of what stacks it: scans, vmaps or both."""
+  how = sorted({"vmap" if i in vmaps else "scan" for i in sliced_by}, reverse=True)
+  return ", stacked by " + " and ".join(how) if how else ""
 
 
 def _unique_names(layers: list[Layer]) -> tuple[Layer, ...]:

@@ -267,7 +267,7 @@ class ConvBlock(Block):
     kernel = _kernel_from_matrix(u[:, :kernel_rows], spec, grads[0].shape)
     out = (kernel.astype(grads[0].dtype),)
     if layer.option("bias"):
-      out += (u[:, -1].reshape(-1).astype(grads[1].dtype),)
+      out += (u[:, -1].reshape(grads[1].shape).astype(grads[1].dtype),)
     return out
 
   def describe(self, layer) -> str:
