@@ -313,6 +313,60 @@ def test_a_scanned_recurrent_cell_equals_its_unrolled_form(cell):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8), final, final_u)
 
 
+def _deep_rnn_params(key):
+  """DEPTH recurrent layers of width FEATURES, stacked, and a head."""
+  k = jax.random.split(key, 4)
+  return {"cells": {"wx": _normal(k[0], (DEPTH, FEATURES, FEATURES), 1.0),
+                    "wh": _normal(k[1], (DEPTH, FEATURES, FEATURES), 1.0),
+                    "b": 0.1 * jax.random.normal(k[2], (DEPTH, FEATURES), jnp.float64)},
+          "head": {"w": _normal(k[3], (FEATURES, CLASSES)), "b": jnp.zeros(CLASSES)}}
+
+
+def _deep_rnn_loss(scanned):
+  """A stacked RNN: a scan over layers of scans over time, or Python loops."""
+  def layer(cell, xs):  # xs: (time, batch, features)
+    step = lambda h, x: (_biased_cell(cell, h, x),) * 2
+    if scanned:
+      return jax.lax.scan(step, jnp.zeros_like(xs[0]), xs)[1]
+    h, out = jnp.zeros_like(xs[0]), []
+    for x in xs:
+      h, _ = step(h, x)
+      out.append(h)
+    return jnp.stack(out)
+
+  def loss_fn(params, xs, y):
+    xs = jnp.swapaxes(xs, 0, 1)
+    if scanned:
+      xs, _ = jax.lax.scan(lambda xs, cell: (layer(cell, xs), None), xs, params["cells"])
+    else:
+      for cell in params["cells"]:
+        xs = layer(cell, xs)
+    return jkfac.softmax_cross_entropy(xs[-1] @ params["head"]["w"] + params["head"]["b"], y)
+
+  return loss_fn
+
+
+def test_nested_scans_over_layers_and_time_equal_python_loops():
+  params, (xs, y) = _deep_rnn_params(KEY), _sequences()
+  loops = {"cells": [jax.tree.map(lambda a, l=l: a[l], params["cells"]) for l in range(DEPTH)],
+           "head": params["head"]}
+  scanned = jkfac.estimator(_deep_rnn_loss(True), params, xs, y, mode="exact")
+  unrolled = jkfac.estimator(_deep_rnn_loss(False), loops, xs, y, mode="exact")
+  cells = scanned.layers[0]
+  assert (cells.kind, cells.stack, len(scanned.layers)) == ("dense", (DEPTH,), 2), str(scanned)
+  assert f"{DEPTH} x (A {2 * FEATURES + 1}x{2 * FEATURES + 1}" in str(scanned)
+  _, _, stats = _stats(scanned, params, xs, y)
+  _, _, stats_u = _stats(unrolled, loops, xs, y)
+  for l in range(DEPTH):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[l], b, rtol=1e-10, atol=1e-16),
+                 stats.factors[cells.name], stats_u.factors[unrolled.layers[l].name])
+  final, _ = _train(scanned, jkfac.kfac(scanned, inverse_every=2), params, (xs, y), 3)
+  final_u, _ = _train(unrolled, jkfac.kfac(unrolled, inverse_every=2), loops, (xs, y), 3)
+  restacked = jax.tree.map(lambda *a: jnp.stack(a), *final_u["cells"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8),
+               (final["cells"], final["head"]), (restacked, final_u["head"]))
+
+
 def test_a_layer_tagged_inside_a_scan_is_the_layer_found_there():
   params = rnn_params(KEY)
   x, y = bf.classification_data(BATCH, FEATURES * STEPS_IN_TIME, CLASSES)
