@@ -98,6 +98,46 @@ def test_a_stack_is_found_as_one_stacked_layer():
   assert "no parameter is left to a fallback block" in table
 
 
+@jax.custom_vjp
+def _softsign(x):
+  return x / (1 + jnp.abs(x))
+
+
+_softsign.defvjp(lambda x: (_softsign(x), x),
+                 lambda x, g: (g / (1 + jnp.abs(x)) ** 2,))
+
+
+def test_a_body_under_remat_jit_and_custom_vjp_is_the_same_stack():
+  # The body wrapped as libraries wrap it: checkpointed, jitted, with a
+  # custom-derivative activation; its stack is found and its statistics agree.
+  params, (x, y), scanned, _ = _pair()
+
+  @jax.checkpoint
+  @jax.jit
+  def block(h, layer):
+    return _softsign(jnp.tanh(h @ layer["w"] + layer["b"])), None
+
+  def wrapped_loss(params, x, y):
+    h, _ = jax.lax.scan(block, jnp.tanh(x @ params["w_in"]), params["stack"])
+    return jkfac.softmax_cross_entropy(h @ params["head"]["w"] + params["head"]["b"], y)
+
+  def plain_loss(params, x, y):  # the same function, no wrappers
+    def body(h, layer):
+      t = jnp.tanh(h @ layer["w"] + layer["b"])
+      return t / (1 + jnp.abs(t)), None
+    h, _ = jax.lax.scan(body, jnp.tanh(x @ params["w_in"]), params["stack"])
+    return jkfac.softmax_cross_entropy(h @ params["head"]["w"] + params["head"]["b"], y)
+
+  wrapped, plain = (jkfac.estimator(f, params, x, y, mode="exact")
+                    for f in (wrapped_loss, plain_loss))
+  assert [(l.name, l.kind, l.stack) for l in wrapped.layers] == [
+      (l.name, l.kind, l.stack) for l in scanned.layers], str(wrapped)
+  _, _, stats = _stats(wrapped, params, x, y)
+  _, _, stats_p = _stats(plain, params, x, y)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), stats.factors,
+               stats_p.factors)
+
+
 @pytest.mark.parametrize("mode", ["exact", "empirical"])
 def test_stacked_statistics_equal_the_unrolled_layers(mode):
   params, batch, scanned, unrolled = _pair(mode)
@@ -476,11 +516,11 @@ def test_a_flax_scanned_transformer_equals_its_unrolled_form():
       name = layer.name.replace("blocks", f"block_{i}", 1)
       jax.tree.map(lambda a, b: close(a[i], b), stats.factors[layer.name],
                    stats_u.factors[name])
-  final, _ = _train(scanned, jkfac.kfac(scanned, inverse_every=2), params, batch, 5)
-  final_u, _ = _train(unrolled, jkfac.kfac(unrolled, inverse_every=2), _lm_unroll(params),
-                      batch, 5)
+  final, updates = _train(scanned, jkfac.kfac(scanned, inverse_every=2), params, batch, 5)
+  final_u, updates_u = _train(unrolled, jkfac.kfac(unrolled, inverse_every=2),
+                              _lm_unroll(params), batch, 5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8),
-               _lm_unroll(final), final_u)
+               (_lm_unroll(updates), _lm_unroll(final)), (updates_u, final_u))
 
 
 # --------------------------------------------------------------------------- #
