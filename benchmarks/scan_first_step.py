@@ -14,8 +14,8 @@ Each configuration runs in a fresh process (JAX's caches empty), in turns,
     python benchmarks/scan_first_step.py [--repeats 3]
 
 Results: `benchmarks/results/local/scan_first_step.json` (git-ignored), or
-`--out PATH`; the committed result was written with
-`--out benchmarks/results/scan_first_step.json`.
+`--out PATH_STEM`; the committed result was written with
+`--out benchmarks/results/scan_first_step`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import harness  # pylint: disable=g-import-not-at-top
+
 CONFIGS = ((2, True), (12, True), (12, False))
 
 
@@ -83,9 +87,10 @@ def first_step(depth: int, scanned: bool, width: int = 64) -> float:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--out", default=str(HERE / "results" / "local" / "scan_first_step.json"))
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=harness.HelpFormatter)
+  parser.add_argument("--repeats", type=int, default=3,
+                      help="fresh processes per configuration, run in turns")
+  harness.add_out_argument(parser, "scan_first_step", plot=False)
   parser.add_argument("--one", nargs=2, type=int, help=argparse.SUPPRESS)  # depth, scanned
   args = parser.parse_args()
   if args.one:
@@ -104,10 +109,9 @@ def main() -> None:
   ratio = medians["12 scanned"] / medians["2 scanned"]
   print("median first step (s):", {k: round(v, 2) for k, v in medians.items()})
   print(f"12 scanned layers / 2 scanned layers: {ratio:.2f}x")
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"seconds": seconds, "median": medians,
-                             "ratio_12_to_2_scanned": ratio}, indent=1))
+  out = harness.with_suffix(harness.output_stem(args.out, "scan_first_step"), ".json")
+  out.write_text(json.dumps({"machine": harness.machine(), "seconds": seconds,
+                             "median": medians, "ratio_12_to_2_scanned": ratio}, indent=1))
   print("wrote", out)
 
 

@@ -29,8 +29,8 @@ import brute_force as bf
 import jkfac
 from test_checkpoint import DEVICE, _assert_bitwise_equal, _flax_bytes, _orbax_standard
 from test_multidevice import _equations
-from test_scan import (CLASSES, DEPTH, FEATURES, KEY, STEPS_IN_TIME, WIDTH, _normal, restack,
-                       rnn_params, scanned_loss, scanned_rnn_loss, stack_params,
+from test_scan import (_ONCE, CLASSES, DEPTH, FEATURES, KEY, STEPS_IN_TIME, WIDTH, _normal,
+                       restack, rnn_params, scanned_loss, scanned_rnn_loss, stack_params,
                        unrolled_loss, unrolled_params, unrolled_rnn_loss)
 
 DEVICES = 8
@@ -226,6 +226,7 @@ def test_a_pmapped_stack_equals_the_unrolled_model_on_one_device():
   assert not np.allclose(factors[0], factors[1])
 
 
+@_ONCE
 def test_a_stack_under_sharded_jit_equals_the_unrolled_model_on_one_device():
   mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
   loss_fn, params, batch = _problem("scanned")
@@ -242,6 +243,7 @@ def test_a_stack_under_sharded_jit_equals_the_unrolled_model_on_one_device():
   assert len(switches) == 1
 
 
+@_ONCE
 def test_a_pmapped_rnn_equals_the_unrolled_rnn_on_one_device():
   many, _ = _pmapped("scanned_rnn")
   want = _one_device("unrolled_rnn").trajectory[-1].params

@@ -195,8 +195,8 @@ def _run(est, tx, params, batch, steps):
   return params, updates
 
 
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("out_axes", [0, 1], ids=["member_major", "batch_major"])
+@pytest.mark.parametrize("out_axes, bias", [(0, True), (1, False)],
+                         ids=["member_major_bias", "batch_major_no_bias"])
 def test_a_vmapped_ensemble_equals_its_members_as_separate_models(out_axes, bias):
   params, (x, y) = _ensemble_params(KEY, bias), bf.classification_data(BATCH, SIZES[0], SIZES[2])
   ensemble = jkfac.estimator(_ensemble_loss(out_axes), params, x, y, mode="exact")
