@@ -20,6 +20,11 @@ import brute_force as bf
 import jkfac
 
 KEY = jax.random.PRNGKey(0)
+_ONCE = pytest.mark.skipif(
+    os.environ.get("JKFAC_SKIP_ZOO") == "1",
+    reason="JKFAC_SKIP_ZOO=1: the flax model tests and the longer runs ran in the "
+           "newest-JAX suite (CI time); the plain-JAX scans run in both")
+
 FEATURES, WIDTH, CLASSES, DEPTH, BATCH, STEPS_IN_TIME = 4, 5, 3, 3, 12, 4
 
 
@@ -253,11 +258,8 @@ def test_a_scanned_rnn_equals_its_unrolled_form(weight_sharing):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), grads, grads_u)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-16),
                stats.factors, stats_u.factors)
-  if weight_sharing == "reduce":
-    return  # the optimizer does not depend on how the factors were estimated
-  final, _ = _train(scanned, jkfac.kfac(scanned, inverse_every=2), params, (xs, y), 5)
-  final_u, _ = _train(unrolled, jkfac.kfac(unrolled, inverse_every=2), params, (xs, y), 5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8), final, final_u)
+  # Training is compared on the biased cell below (the optimizer depends on
+  # nothing but these statistics and the blocks).
 
 
 # Cells summing products before one bias: x @ Wx + h @ Wh + b, and a GRU
@@ -325,7 +327,8 @@ def test_an_rnn_cell_with_one_bias_is_one_dense_layer_over_x_h_and_1():
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
-@pytest.mark.parametrize("cell", [_biased_cell, _gru_cell], ids=["rnn", "gru"])
+@pytest.mark.parametrize("cell", [_biased_cell, pytest.param(_gru_cell, marks=_ONCE)],
+                         ids=["rnn", "gru"])
 def test_a_scanned_recurrent_cell_equals_its_unrolled_form(cell):
   params = biased_rnn_params(KEY) if cell is _biased_cell else _gru_params(KEY)
   xs, y = _sequences()
@@ -380,6 +383,7 @@ def _deep_rnn_loss(scanned):
   return loss_fn
 
 
+@_ONCE
 def test_nested_scans_over_layers_and_time_equal_python_loops():
   params, (xs, y) = _deep_rnn_params(KEY), _sequences()
   loops = {"cells": [jax.tree.map(lambda a, l=l: a[l], params["cells"]) for l in range(DEPTH)],
@@ -483,12 +487,6 @@ def _lm_problem():
   unrolled = jkfac.estimator(_lm_loss(LM(scanned=False)), _lm_unroll(params), tokens, targets,
                              mode="exact")
   return params, (tokens, targets), scanned, unrolled
-
-
-_ONCE = pytest.mark.skipif(
-    os.environ.get("JKFAC_SKIP_ZOO") == "1",
-    reason="JKFAC_SKIP_ZOO=1: the flax model tests and the longer runs ran in the "
-           "newest-JAX suite (CI time); the plain-JAX scans run in both")
 
 
 @_ONCE
@@ -637,25 +635,36 @@ def test_a_deeper_stack_has_no_more_factorisations():
 
 
 _REFRESH = """
-import jax, jkfac, test_scan as t
-tokens = jax.random.randint(jax.random.PRNGKey(3), (16, 32), 0, t.VOCAB)
-model = t.LM(width=64)
-params = model.init(t.KEY, tokens)["params"]
-est = jkfac.estimator(t._lm_loss(model), params, tokens, tokens)
+import jax, jax.numpy as jnp, jkfac
+width, depth, kernels = 64, 2, 6
+keys = jax.random.split(jax.random.PRNGKey(0), kernels + 1)
+params = {"stack": [jax.random.normal(k, (depth, width, width)) / 8 for k in keys[1:]],
+          "head": jax.random.normal(keys[0], (width, 3)) / 8}
+x, y = jax.random.normal(keys[0], (32, width)), jnp.arange(32) % 3
+
+def loss_fn(params, x, y):
+  def block(h, ws):
+    for w in ws:
+      h = jnp.tanh(h @ w)
+    return h, None
+  h, _ = jax.lax.scan(block, x, params["stack"])
+  return jkfac.softmax_cross_entropy(h @ params["head"], y)
+
+est = jkfac.estimator(loss_fn, params, x, y)
 tx = jkfac.scale_by_kfac(est, damping=1.0)
-_, grads, stats = jax.jit(lambda p: est(p, tokens, tokens, rng=t.KEY))(params)
+_, grads, stats = jax.jit(lambda p: est(p, x, y, rng=keys[0]))(params)
 update = jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))
-print(jax.block_until_ready(update(grads, tx.init(params), params, stats))[0]["Dense_0"])
+print(jax.block_until_ready(update(grads, tx.init(params), params, stats))[0]["head"].shape)
 """
 
 
-@_ONCE
-def test_a_scanned_transformer_of_real_width_refreshes_its_inverses():
+def test_a_stack_of_wide_layers_refreshes_its_inverses_on_one_cpu_device():
   # Regression: on one CPU device (not the suite's eight), a program of a
-  # dozen batched LAPACK calls (a scanned transformer's stacked inverses)
-  # deadlocked XLA:CPU (jaxlib 0.10) on 2 cores.
+  # dozen batched LAPACK calls (the inverses of a stack of 6 dense layers of
+  # width 64, as in a scanned transformer) deadlocked XLA:CPU (jaxlib 0.10)
+  # on 2 cores.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
   done = subprocess.run([sys.executable, "-c", _REFRESH], env=env, timeout=300,
                         capture_output=True, text=True)
-  assert done.returncode == 0 and "kernel" in done.stdout, done.stderr[-2000:]
+  assert done.returncode == 0 and "(64, 3)" in done.stdout, done.stderr[-2000:]

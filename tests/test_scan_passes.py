@@ -256,6 +256,7 @@ def test_a_pmapped_rnn_equals_the_unrolled_rnn_on_one_device():
 # --------------------------------------------------------------------------- #
 
 
+@_ONCE
 @pytest.mark.parametrize("save_and_restore", [_orbax_standard, _flax_bytes],
                          ids=["orbax", "flax_bytes"])
 def test_a_stacks_state_restored_from_a_checkpoint_resumes_bit_for_bit(save_and_restore,
@@ -298,6 +299,7 @@ def _assert_same_figure(got, want, name):
     np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=name)  # norms: float32 sums
 
 
+@_ONCE
 def test_a_stacks_diagnostics_sum_traces_and_take_the_largest_condition_and_pi():
   scanned, unrolled = _pair_of_runs()
   # After the last step taken (a rejected step's update is zero, as its norms).
@@ -372,6 +374,7 @@ def test_fractions_of_the_batch_give_the_unrolled_models_statistics_and_steps():
 # --------------------------------------------------------------------------- #
 
 
+@_ONCE
 def test_a_stack_given_the_diagonal_block_equals_the_unrolled_layers_diagonals():
   loss_fn, params, batch = _problem("scanned")
   scanned = jkfac.estimator(loss_fn, params, *batch, mode="exact",

@@ -13,6 +13,7 @@ import pytest
 
 import brute_force as bf
 import jkfac
+from test_scan import _ONCE
 
 KEY = jax.random.PRNGKey(0)
 SIZES = (4, 6, 3)
@@ -114,6 +115,7 @@ def test_an_equinox_conv2d_under_vmap_has_its_bias_in_the_block():
   np.testing.assert_allclose(updates.layers[0].weight, updates_b["k"], rtol=1e-10)
 
 
+@_ONCE
 def test_equinox_attention_under_vmap_has_a_dense_block_per_projection():
   k = jax.random.split(KEY, 2)
   attention = eqx.nn.MultiheadAttention(2, 8, key=k[0], dtype=jnp.float64, use_query_bias=True,
@@ -195,7 +197,7 @@ def _run(est, tx, params, batch, steps):
   return params, updates
 
 
-@pytest.mark.parametrize("out_axes, bias", [(0, True), (1, False)],
+@pytest.mark.parametrize("out_axes, bias", [(0, True), pytest.param(1, False, marks=_ONCE)],
                          ids=["member_major_bias", "batch_major_no_bias"])
 def test_a_vmapped_ensemble_equals_its_members_as_separate_models(out_axes, bias):
   params, (x, y) = _ensemble_params(KEY, bias), bf.classification_data(BATCH, SIZES[0], SIZES[2])
