@@ -40,7 +40,7 @@ _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
 _CHECKPOINTS = frozenset({"remat2", "checkpoint", "remat"})
 # Shape-preserving operations that mix the entries along an axis.
 _MIXING = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "sort", "rev",
-                     "dynamic_update_slice", "scatter", "scatter-add", "scatter_add"})
+                     "dynamic_update_slice", "scatter", "scatter-add"})
 
 
 @dataclasses.dataclass(frozen=True)
