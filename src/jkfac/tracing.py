@@ -16,8 +16,13 @@ It descends into `jit`, `remat`/`checkpoint` and `custom_jvp`/`custom_vjp`
 calls, and into `scan` bodies: a parameter sliced along its leading axis by
 the scan (scan over layers) is a stack of layers (`Layer.stack`), one closed
 over by the body (the same weights every iteration: an RNN over time) a layer
-whose weights are shared over the iterations, like a sequence layer's. Parameters that no layer owns are handed to the `"diagonal"` fallback
-block and listed, with the operations that use them, in the layer table.
+whose weights are shared over the iterations, like a sequence layer's. A
+`dot_general` whose batch dimensions pair a kernel's leading axes with an
+activation's (`jax.vmap` over stacked parameters: an ensemble) is a stack too.
+Products summed before one bias (`x @ Wx + h @ Wh + b`, an RNN cell) are one
+dense layer over the concatenated input. Parameters that no layer owns are
+handed to the `"diagonal"` fallback block and listed, with the operations that
+use them, in the layer table.
 """
 
 from __future__ import annotations
@@ -697,7 +702,8 @@ class _Walker:
       moved = jaxpr.eqns[users[0]]
       perm = tuple(moved.params["permutation"])
       out = moved.outvars[0]
-      out_axes, out_stack = (tuple(perm.index(a) for a in axes) for axes in (out_axes, out_stack))
+      out_axes, out_stack = (tuple(perm.index(a) for a in axes)
+                             for axes in (out_axes, out_stack))
       users = consumers.get(out, [])
     if len(users) != 1 or out in jaxpr.outvars:
       return product

@@ -11,8 +11,9 @@ and preconditioned batched. On accelerators the factorisations run batched
 (`jax.vmap` of the block's `inverse`); on CPU, where each LAPACK call is one
 matrix anyway, they run one slice after another in a loop (`jax.lax.map`):
 XLA:CPU in jaxlib 0.10 deadlocks on a program holding a dozen or more batched
-LAPACK calls on a 2-core machine, which a scanned transformer's inverses are. The captured inputs and output derivatives of a
-stacked use carry the stack's axes first (`tracing.Use.stack`).
+LAPACK calls on a 2-core machine, which a scanned transformer's inverses are.
+The captured inputs and output derivatives of a stacked use carry the stack's
+axes first (`tracing.Use.stack`).
 """
 
 from __future__ import annotations
