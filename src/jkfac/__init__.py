@@ -1,6 +1,7 @@
 # Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
 """jkfac: K-FAC and KFC for JAX, as an optax transform."""
 
+from jkfac.accumulation import MultiSteps, MultiStepsState
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model
 from jkfac.averaging import PolyakAveraging, PolyakState, averaged_params, polyak_average
 from jkfac.diagnostics import Diagnostics, diagnostics, format_diagnostics
@@ -17,7 +18,8 @@ from jkfac.trust_region import KLClipState, scale_by_kl_clip
 __version__ = "0.1.0"
 
 __all__ = [
-    "Diagnostics", "Estimator", "KFACState", "KLClipState", "Layer", "Param", "PolyakAveraging", "PolyakState",
+    "Diagnostics", "Estimator", "KFACState", "KLClipState", "Layer", "MultiSteps",
+    "MultiStepsState", "Param", "PolyakAveraging", "PolyakState",
     "QuadraticModelState", "ScaleByKFACState", "Statistics", "averaged_params", "diagnostics",
     "estimator", "format_diagnostics", "growing_batch_size", "growing_batch_sizes", "kfac",
     "polyak_average", "register_bernoulli_predictive", "register_categorical_predictive",

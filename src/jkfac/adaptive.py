@@ -30,7 +30,8 @@ class QuadraticModelState(NamedTuple):
   """State of `scale_by_quadratic_model`.
 
   Attributes:
-    previous_update: `δ0`, the last update (the parameters' structure).
+    previous_update: `δ0`, the last update: a tuple of the leaves of the
+      parameters the transform updates (all of them, or its partition's).
     learning_rate: the α of the last update.
     momentum: the μ of the last update.
     predicted_change: `M(δ) - M(0)` of the last update (negative).
@@ -135,8 +136,9 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
 
   def init_fn(params: Any) -> QuadraticModelState:
     zero = jnp.zeros([], est.factor_dtype)
-    return QuadraticModelState(jax.tree_util.tree_map(jnp.zeros_like, params), zero, zero, zero,
-                               zero)
+    _, leaves = est.align(params, "scale_by_quadratic_model.init(params)", partial=True)
+    previous = tuple(jnp.zeros_like(leaf) for leaf in leaves if leaf is not None)
+    return QuadraticModelState(previous, zero, zero, zero, zero)
 
   def update_fn(updates: Any, state: QuadraticModelState, params: Any = None, *,
                 stats: Optional[Statistics] = None, grads: Any = None, count: Any = None,
@@ -146,12 +148,23 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
                        "grads= (the raw gradient): call update(updates, state, params, "
                        "stats=stats, grads=grads), or use jkfac.kfac, which passes both.")
     dtype = est.factor_dtype
-    direction = jax.tree_util.tree_map(lambda u: -u, updates)
-    previous = state.previous_update
+    where = "scale_by_quadratic_model.update(updates, ...)"
+    updates_view, flat_updates = est.align(updates, where, partial=True)
+    _, flat_grads = est.align(grads, where + ": grads", partial=True)
+    held = [i for i, present in enumerate(updates_view.present) if present]
+    if len(held) != len(state.previous_update):
+      raise ValueError(f"{where}: the updates hold other parameters than those given to "
+                       "init (optax.MaskedNode in other places). Pass the same partition "
+                       "of the parameters to init and update.")
+    # The parameters this transform updates, as lists (a partition's others are left out).
+    direction = [-flat_updates[i] for i in held]
+    previous = list(state.previous_update)
+    grads = [flat_grads[i] for i in held]
+    as_tree = lambda leaves: updates_view.rebuild(dict(zip(held, leaves)))
     step_count = jnp.zeros([], jnp.int32) if count is None else count
     lam = value_at(damping if damping_now is None else damping_now,
                    step_count).astype(dtype) + l2_reg
-    gram = stats.extras["curvature"]([direction, previous])
+    gram = stats.extras["curvature"]([as_tree(direction), as_tree(previous)])
     if axis_name is not None:
       gram = jax.lax.pmean(gram, axis_name)
     cross = _dot(direction, previous, dtype)
@@ -167,16 +180,15 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
     # not finite (α, μ are then 0, but 0 x NaN would still be NaN).
     finite = linalg.all_finite((direction, grads))
     alpha, mu = jnp.where(finite, alpha, 0.0), jnp.where(finite, mu, 0.0)
-    step = jax.tree_util.tree_map(
-        lambda d, p: jnp.where(finite, alpha * d.astype(dtype) + mu * p.astype(dtype),
-                               0.0).astype(p.dtype),  # the parameters' dtype
-        direction, previous)
+    step = tuple(jnp.where(finite, alpha * d.astype(dtype) + mu * p.astype(dtype),
+                           0.0).astype(p.dtype)  # the parameters' dtype
+                 for d, p in zip(direction, previous))
     coefficients = jnp.stack([alpha, mu])
     along = coefficients @ curvature @ coefficients
     change = jnp.where(finite, 0.5 * along + coefficients @ grad_dots, 0.0)
     damped = lam * (coefficients @ dots @ coefficients)
     share = jnp.where(finite & (along > 0), damped / jnp.where(along > 0, along, 1.0), 0.0)
-    return step, QuadraticModelState(step, alpha, mu, change, share)
+    return as_tree(step), QuadraticModelState(step, alpha, mu, change, share)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkfac import blocks, interpret, losses, tracing, tridiagonal
+from jkfac import blocks, interpret, losses, tracing, trees, tridiagonal
 from jkfac.blocks import dense
 
 Array = jax.Array
@@ -85,7 +85,8 @@ class Estimator:
   def __init__(self, loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
                mode: str, has_aux: bool, stats_fraction: float, fisher_samples: int,
                overrides: Optional[dict[str, str]] = None, weight_sharing: str = "expand",
-               curvature_fraction: float = 1.0, factor_dtype: Any = None):
+               curvature_fraction: float = 1.0, factor_dtype: Any = None,
+               batch_axes: Any = None):
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}: 'fisher' samples "
                        "targets from the model (the true Fisher, the default), "
@@ -111,8 +112,11 @@ class Estimator:
     self.overrides = dict(overrides or {})
     self.weight_sharing = weight_sharing
     self._num_args = len(args)
+    self.batch_axes = _check_batch_axes(batch_axes, args)
     self.id = next(_ids)
+    trees.check_leaves(params, "jkfac.estimator(loss_fn, params, ...)")
     leaves, self.params_tree = jax.tree_util.tree_flatten(params)
+    self.canonical_tree = jax.tree.structure(trees.unwrap(params))
     self._param_shapes = [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves]
     inexact = [d for _, d in self._param_shapes if jnp.issubdtype(d, jnp.inexact)]
     self.factor_dtype = resolve_factor_dtype(factor_dtype, inexact)
@@ -134,7 +138,8 @@ class Estimator:
     """Returns `(loss, grads, stats)` (`((loss, aux), grads, stats)` with has_aux).
 
     Args:
-      params: the parameters, with the structure given at set-up.
+      params: the parameters, with the structure given at set-up (a flax
+        nnx state may hold them in Variables or not, either way).
       *args: the other arguments of the loss function (the batch).
       rng: a PRNG key; required in mode `"fisher"` (targets are sampled).
 
@@ -142,33 +147,38 @@ class Estimator:
       The loss (and aux), its gradient with the structure of `params`, and
       this batch's `Statistics`.
     """
-    flat_params = self.check_params(params, "est(params, ...)")
+    params_view, flat_params = self.align(params, "est(params, ...)")
     self._check_call(flat_params, args, rng)
-    if _all_concrete_arrays((params, args, rng)):
+    if _all_concrete_arrays((flat_params, args, rng)):
       # Called outside jit: one compiled program rather than every operation
       # dispatched on its own (tens of times faster on small models).
-      return self._compiled(params, *args, rng=rng)
-    return self._evaluate(params, *args, rng=rng)
+      value, grads, stats = self._compiled(flat_params, *args, rng=rng)
+    else:
+      value, grads, stats = self._evaluate(flat_params, *args, rng=rng)
+    return value, params_view.rebuild(grads), stats
 
-  def _evaluate(self, params: Any, *args: Any, rng: Optional[Array] = None):
-    """`__call__` after its checks, traceable."""
-    flat_params = jax.tree_util.tree_leaves(params)
+  def _evaluate(self, flat_params: list[Array], *args: Any, rng: Optional[Array] = None):
+    """`__call__` after its checks, traceable; the gradient comes back flat."""
     flat_args, args_tree = jax.tree_util.tree_flatten(tuple(args))
     program = self._program(flat_params, flat_args, args_tree)
     (loss, aux), grads, inputs, preds, targets, backward = self._forward(
         program, flat_params, flat_args, with_grads=True)
     stats_program, stats_args = program, flat_args
     if self.stats_fraction < 1.0:
-      stats_args = self._subset(program, flat_args, self.stats_fraction, "stats_fraction")
-      stats_program = self._program(flat_params, stats_args, args_tree)
+      stats_args = self._subset(program, flat_args, args_tree, self.stats_fraction,
+                                "stats_fraction")
+      stats_program = self._subset_program(flat_params, stats_args, args_tree,
+                                           "stats_fraction")
       _, _, inputs, preds, targets, backward = self._forward(
           stats_program, flat_params, stats_args, with_grads=False)
-    cotangents = self._cotangents(stats_program, preds, targets, rng)
+    targets, masks = [t for t, _ in targets], [m for _, m in targets]
+    weights = [_term_weights(l, m) for l, m in zip(stats_program.losses, masks)]
+    cotangents = self._cotangents(stats_program, preds, targets, weights, rng)
     output_grads = backward(cotangents)
     moments = self._gradient_moments(stats_program, flat_params, stats_args, args_tree,
                                      cotangents)
-    factors = self._factors(stats_program.uses, inputs, output_grads, moments)
-    grads = jax.tree_util.tree_unflatten(self.params_tree, grads)
+    factors = self._factors(stats_program.uses, inputs, output_grads, moments,
+                            _row_side_weights(stats_program.losses, weights))
     value = (loss, aux) if self.has_aux else loss
     extras = {
         "loss": jax.lax.stop_gradient(loss),
@@ -177,8 +187,8 @@ class Estimator:
     return value, grads, Statistics(factors, self.id, extras)
 
   def _factors(self, uses: Sequence[tuple[tracing.Use, ...]], inputs: dict[int, Array],
-               output_grads: dict[int, Array], moments: dict[str, Array]
-               ) -> dict[str, dict[str, Array]]:
+               output_grads: dict[int, Array], moments: dict[str, Array],
+               weights: Optional[Array] = None) -> dict[str, dict[str, Array]]:
     """Every block's statistics, and the chains' cross moments when requested."""
     factors = {}
     for layer, layer_uses in zip(self.layers, uses):
@@ -187,14 +197,15 @@ class Estimator:
           inputs=[inputs[u.id] for u in layer_uses],
           output_grads=[output_grads[u.id] for u in layer_uses],
           gradient_moment=moments.get(layer.name),
-          dtype=self.factor_dtype)
+          dtype=self.factor_dtype,
+          weights=weights)
       factors[layer.name] = blocks.for_layer(layer).statistics(layer, captures)
     for chain in self.chains:
       for i, j in zip(chain[:-1], chain[1:]):
         ids = [uses[i][0].id, uses[j][0].id]
         factors[self.layers[i].name].update(tridiagonal.cross_moments(
             self.layers[i], self.layers[j], [inputs[k] for k in ids],
-            [output_grads[k] for k in ids], self.factor_dtype))
+            [output_grads[k] for k in ids], self.factor_dtype, weights))
     return factors
 
   def zero_factors(self) -> dict[str, dict[str, Array]]:
@@ -233,10 +244,16 @@ class Estimator:
     self._compiled = jax.jit(self._evaluate)  # the statistics' structure changed
     return self.chains
 
-  def _loss_at(self, program: tracing.Program, flat_args: list[Array], params: Any) -> Array:
-    """The loss of this batch at other parameters (one forward pass)."""
-    flat_params = self.check_params(params, "the loss at new parameters")
-    result = interpret.run(program.plan, list(flat_params) + list(flat_args), {})
+  def _loss_at(self, program: tracing.Program, flat_params: list[Array],
+               flat_args: list[Array], params: Any) -> Array:
+    """The loss of this batch at other parameters (one forward pass).
+
+    Parameters masked out of `params` (`optax.MaskedNode`: a transform that
+    owns only some of them) keep the values the statistics were computed at.
+    """
+    _, given = self.align(params, "the loss at new parameters", partial=True)
+    new_params = [p if g is None else g for g, p in zip(given, flat_params)]
+    result = interpret.run(program.plan, new_params + list(flat_args), {})
     out = jax.tree_util.tree_unflatten(program.out_tree, result.outputs)
     return out[0] if self.has_aux else out
 
@@ -251,7 +268,7 @@ class Estimator:
       out = jax.tree_util.tree_unflatten(program.out_tree, result.outputs)
       loss, aux = out if self.has_aux else (out, None)
       preds = [result.predictions[l.id][0] for l in program.losses]
-      targets = [result.predictions[l.id][1] for l in program.losses]
+      targets = [result.predictions[l.id][1:] for l in program.losses]  # with masks
       return (loss, preds), (aux, result.inputs, targets)
 
     if with_grads:
@@ -274,10 +291,17 @@ class Estimator:
     return (loss, aux), grads, inputs, preds, targets, backward
 
   def _cotangents(self, program: tracing.Program, preds: list[Array],
-                  targets: list[Array], rng: Optional[Array]) -> list[Array]:
-    """Per loss, the curvature pass's cotangents, shape `(K, *prediction)`."""
+                  targets: list[Array], weights: list[Optional[Array]],
+                  rng: Optional[Array]) -> list[Array]:
+    """Per loss, the curvature pass's cotangents, shape `(K, *prediction)`.
+
+    A masked loss's cotangents are scaled term by term by the square root of
+    the term's weight (`_term_weights`), so that the output-side factors are
+    the weighted means of the loss.
+    """
     cots = []
-    for index, (loss, pred, target) in enumerate(zip(program.losses, preds, targets)):
+    for index, (loss, pred, target, weight) in enumerate(
+        zip(program.losses, preds, targets, weights)):
       dist = losses.DISTRIBUTIONS[loss.distribution]
       pred = jax.lax.stop_gradient(pred)
       scale = math.sqrt(loss.weight / loss.num_examples)
@@ -289,6 +313,8 @@ class Estimator:
         keys = jax.random.split(jax.random.fold_in(rng, index), self.fisher_samples)
         cot = jax.vmap(lambda k: dist.nll_grad(pred, dist.sample(k, pred)))(keys)
         scale /= math.sqrt(self.fisher_samples)
+      if weight is not None:
+        cot = cot * _over_outputs(jnp.sqrt(weight), pred.ndim).astype(cot.dtype)
       cots.append((scale * cot).astype(pred.dtype))
     if self.mode == "exact" and len(cots) > 1:  # one backward pass per column, per loss
       total = sum(c.shape[0] for c in cots)
@@ -317,11 +343,13 @@ class Estimator:
     Returns:
       The Gram matrix, shape `(len(vectors), len(vectors))`, factor dtype.
     """
-    def predictions(p):
+    def predictions(p):  # and the losses' masks (None if unmasked), whose tangents are unused
       result = interpret.run(program.plan, list(p) + list(flat_args), {})
-      return [result.predictions[l.id][0] for l in program.losses]
+      return ([result.predictions[l.id][0] for l in program.losses],
+              [jax.lax.stop_gradient(result.predictions[l.id][2]) for l in program.losses])
 
-    preds, linear = jax.linearize(predictions, list(flat_params))
+    (preds, masks), linear_with_masks = jax.linearize(predictions, list(flat_params))
+    linear = lambda tangent: linear_with_masks(tangent)[0]
     # With parameters of a narrower range than float32 (float16), each vector
     # is divided by a power of two near its largest entry before the product
     # runs in the parameters' dtype, so that a long direction does not
@@ -331,7 +359,8 @@ class Estimator:
                  and jnp.finfo(p.dtype).max < jnp.finfo(jnp.float32).max for p in flat_params)
     tangents, scales = [], []
     for v in vectors:
-      leaves = self.check_params(v, "the curvature product's vector")
+      _, given = self.align(v, "the curvature product's vector", partial=True)
+      leaves = [jnp.zeros_like(p) if g is None else g for g, p in zip(given, flat_params)]
       power = jnp.ones([], self.factor_dtype)
       if narrow:
         peak = [jnp.max(jnp.abs(t)).astype(self.factor_dtype) for t in leaves if jnp.size(t)]
@@ -342,10 +371,13 @@ class Estimator:
       tangents.append(linear([t.astype(p.dtype) for t, p in zip(leaves, flat_params)]))
     size = len(vectors)
     gram = jnp.zeros((size, size), self.factor_dtype)
-    for index, (loss, pred) in enumerate(zip(program.losses, preds)):
+    for index, (loss, pred, mask) in enumerate(zip(program.losses, preds, masks)):
       dist = losses.DISTRIBUTIONS[loss.distribution]
       scale = loss.weight / loss.num_examples
       products = [dist.fisher_product(pred, t[index]) for t in tangents]
+      weight = _term_weights(loss, mask)
+      if weight is not None:
+        products = [h * _over_outputs(weight, pred.ndim).astype(h.dtype) for h in products]
       rows = [[jnp.vdot(t[index].astype(self.factor_dtype), h.astype(self.factor_dtype))
                for h in products] for t in tangents]
       gram = gram + scale * jnp.array(rows, self.factor_dtype)
@@ -367,8 +399,8 @@ class Estimator:
       return {}
     indices = [p.index for layer in layers for p in layer.params]
     n = _batch_size(program, f"the {layers[0].kind} block of {layers[0].name!r}")
-    batched = [jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n for a in flat_args]
-    if not any(batched):
+    axes = self._flat_batch_axes(flat_args, args_tree, n)
+    if all(axis is None for axis in axes):
       names = ", ".join(repr(l.name) for l in layers)
       raise ValueError(
           f"The per-example gradients of the {layers[0].kind} block(s) of {names} need the "
@@ -378,8 +410,9 @@ class Estimator:
           "(members, batch, ...), say). Put the batch axis first in the predictions "
           "(jax.vmap(..., out_axes=1) for an ensemble), or give these parameters another "
           f"block: jkfac.estimator(..., overrides={{{layers[0].name!r}: 'none'}}).")
-    unit_args = [a[:1] if b else a for a, b in zip(flat_args, batched)]
-    unit = self._program(flat_params, unit_args, args_tree)
+    unit_args = _sliced(flat_args, axes, 1)
+    unit = self._subset_program(flat_params, unit_args, args_tree,
+                                f"the per-example gradients of {layers[0].name!r}")
 
     def one_example(example_args, example_cots):
       def predictions(chosen):
@@ -394,10 +427,10 @@ class Estimator:
       return [blocks.for_layer(l).gradient_moment([per_pass[p.index] for p in l.params],
                                                  self.factor_dtype) for l in layers]
 
-    split_args = [a[:, None] if b else a for a, b in zip(flat_args, batched)]
+    split_args = [a if axis is None else jnp.expand_dims(a, axis + 1)
+                  for a, axis in zip(flat_args, axes)]
     split_cots = [jnp.moveaxis(c, 1, 0)[:, :, None] for c in cotangents]
-    per_example = jax.vmap(one_example, in_axes=([0 if b else None for b in batched], 0))(
-        split_args, split_cots)
+    per_example = jax.vmap(one_example, in_axes=(axes, 0))(split_args, split_cots)
     return {l.name: jnp.sum(m, axis=0) for l, m in zip(layers, per_example)}
 
   # --- helpers --------------------------------------------------------------
@@ -415,20 +448,41 @@ class Estimator:
     Raises:
       ValueError: the structure or a leaf's shape differs.
     """
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    if tree != self.params_tree:
+    return self.align(params, where)[1]
+
+  def align(self, tree: Any, where: str, partial: bool = False
+            ) -> tuple[trees.View, list[Optional[Array]]]:
+    """Lines a pytree up with the parameters (`jkfac.trees.view`), checking shapes.
+
+    Args:
+      tree: the parameters, or a pytree shaped as them (gradients, updates),
+        as given at set-up or with flax nnx Variables added or removed.
+      where: the caller, for the error message.
+      partial: whether parameters may be masked out (`optax.MaskedNode`, as
+        optax's partitions pass them to an inner transform).
+
+    Returns:
+      The view (to put results back into `tree`'s structure), and the leaves
+      per parameter leaf (None where masked).
+
+    Raises:
+      ValueError: the structure or a leaf's shape differs, or a parameter is
+        masked where none may be.
+    """
+    tree_view, leaves = trees.view(tree, self.canonical_tree, where)
+    if not partial and not all(tree_view.present):
       raise ValueError(
-          f"{where}: the pytree does not match the parameters the estimator was "
-          f"built with.\n  expected: {self.params_tree}\n  got:      {tree}\n"
-          "Pass the same parameter structure as to jkfac.estimator, or build a new "
-          "estimator for the new model.")
+          f"{where}: parameters are masked out (optax.MaskedNode); this needs all of "
+          "them. Call the estimator with the whole model's parameters; only a transform "
+          "(jkfac.kfac, scale_by_kfac) may be given a part of them, by optax's "
+          "multi_transform, partition or masked.")
     for leaf, (shape, _), layer_path in zip(leaves, self._param_shapes, self._paths()):
-      if tuple(jnp.shape(leaf)) != shape:
+      if leaf is not None and tuple(jnp.shape(leaf)) != shape:
         raise ValueError(f"{where}: parameter {layer_path!r} has shape "
                          f"{tuple(jnp.shape(leaf))}, the estimator expects {shape}. Pass "
                          "arrays shaped as the parameters given to jkfac.estimator, or "
                          "build a new estimator for the new shapes.")
-    return leaves
+    return tree_view, leaves
 
   def _check_call(self, flat_params: list[Array], args: Sequence[Any], rng: Any) -> None:
     """`est(params, *args, rng=key)`: the set-up's dtypes and arguments, a key."""
@@ -478,21 +532,60 @@ class Estimator:
                               flat_args: list[Array], args_tree: Any) -> dict[str, Any]:
     """`"curvature"` and `"loss_at"` on the first `curvature_fraction` of the batch."""
     if self.curvature_fraction < 1.0:
-      flat_args = self._subset(program, flat_args, self.curvature_fraction,
+      flat_args = self._subset(program, flat_args, args_tree, self.curvature_fraction,
                                "curvature_fraction")
-      program = self._program(flat_params, flat_args, args_tree)
+      program = self._subset_program(flat_params, flat_args, args_tree, "curvature_fraction")
     return {
         "curvature": jax.tree_util.Partial(functools.partial(self._curvature_gram, program),
                                            flat_params, flat_args),
-        "loss_at": jax.tree_util.Partial(functools.partial(self._loss_at, program), flat_args),
+        "loss_at": jax.tree_util.Partial(functools.partial(self._loss_at, program),
+                                         flat_params, flat_args),
     }
 
-  def _subset(self, program: tracing.Program, flat_args: list[Array], fraction: float,
-              option: str) -> list[Array]:
-    """The first `fraction` of the batch (arguments with the batch's leading size)."""
+  def _subset(self, program: tracing.Program, flat_args: list[Array], args_tree: Any,
+              fraction: float, option: str) -> list[Array]:
+    """The first `fraction` of the batch, sliced along the batch axes."""
     n = _batch_size(program, option)
-    m = max(1, int(round(n * fraction)))
-    return [a[:m] if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n else a for a in flat_args]
+    return _sliced(flat_args, self._flat_batch_axes(flat_args, args_tree, n),
+                   max(1, int(round(n * fraction))))
+
+  def _flat_batch_axes(self, flat_args: list[Any], args_tree: Any, n: int
+                       ) -> list[Optional[int]]:
+    """Per argument leaf, its batch axis (None: not batched).
+
+    The `batch_axes` given at set-up, or by default axis 0 of every leaf
+    whose leading size is the batch size `n`.
+    """
+    if self.batch_axes is None:
+      return [0 if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n else None for a in flat_args]
+    args = jax.tree_util.tree_unflatten(args_tree, flat_args)
+    axes = _broadcast_axes(self.batch_axes, args)
+    for a, axis in zip(flat_args, axes):
+      if axis is not None and not (-jnp.ndim(a) <= axis < jnp.ndim(a)
+                                   and jnp.shape(a)[axis] == n):
+        raise ValueError(
+            f"batch_axes: an argument of shape {jnp.shape(a)} is said to be batched along "
+            f"axis {axis}, but the batch has {n} examples (the losses' predictions' "
+            "leading size). Give each batched argument's example axis, None for the "
+            "others.")
+    return [None if axis is None else axis % jnp.ndim(a) for a, axis in zip(flat_args, axes)]
+
+  def _subset_program(self, flat_params: list[Array], flat_args: list[Array],
+                      args_tree: Any, option: str) -> tracing.Program:
+    """The program of a slice of the batch; a failure to trace it names `batch_axes`."""
+    try:
+      return self._program(flat_params, flat_args, args_tree)
+    except Exception as e:  # an error from inside the user's model, on the sliced arguments
+      if self.batch_axes is not None:
+        raise
+      raise ValueError(
+          f"{option} evaluates the loss on the first examples of the batch, slicing every "
+          "argument whose leading axis has the batch's size; the loss function failed on "
+          f"the sliced arguments ({type(e).__name__}: {e}). An argument that merely has "
+          "that size (a BatchNorm's batch_stats with as many features as examples, "
+          "say) must not be sliced: say which arguments are batched, "
+          "jkfac.estimator(..., batch_argnums=(1, 2)) (indices into the arguments after "
+          "params) or batch_axes=(None, 0, 0) (vmap-style axes).") from e
 
   def table(self) -> str:
     """The layer table: what every parameter is, and its factor shapes.
@@ -514,7 +607,8 @@ class Estimator:
               for r in rows]
     for loss in self.losses:
       lines.append(f"  loss: {loss.distribution}, prediction {loss.prediction_shape}, "
-                   f"weight {loss.weight:g}")
+                   f"weight {loss.weight:g}"
+                   + (f", masked over {loss.term_shape}" if loss.masked else ""))
     fallback = [l for l in self.layers if l.kind == "diagonal"]
     if fallback:
       lines.append("  parameters left to the diagonal fallback block:")
@@ -530,6 +624,82 @@ class Estimator:
 
   def __repr__(self) -> str:
     return self.table()
+
+
+def _term_weights(loss: tracing.Loss, mask: Optional[Array]) -> Optional[Array]:
+  """A masked loss's term weights scaled to mean 1: `mask * terms / sum(mask)`.
+
+  With them, the loss `sum(mask * nll) / sum(mask)` is the mean over its
+  terms of `weight * nll`, and its curvature the same mean of the terms'
+  curvatures; all zero when every term is masked.
+  """
+  if mask is None:
+    return None
+  total = jnp.sum(mask)
+  return mask * (loss.num_examples / jnp.where(total > 0, total, 1))
+
+
+def _over_outputs(weights: Array, ndim: int) -> Array:
+  """Term weights with size-1 axes appended, to scale arrays of `ndim` axes."""
+  return weights.reshape(weights.shape + (1,) * (ndim - weights.ndim))
+
+
+def _row_side_weights(registered: Sequence[tracing.Loss],
+                      weights: Sequence[Optional[Array]]) -> Optional[Array]:
+  """The weights of the input-side statistics' rows, from the losses' term weights.
+
+  None when no loss is masked. With one term shape, the losses' weights
+  averaged by their coefficients; with several, each reduced to the
+  examples (the mean over a term's positions) first. The blocks line them
+  up with their rows (`blocks.base.row_weights`).
+  """
+  if all(w is None for w in weights):
+    return None
+  full = [jnp.ones(l.term_shape) if w is None else w for l, w in zip(registered, weights)]
+  if len({w.shape for w in full}) > 1:
+    full = [jnp.mean(w.reshape(w.shape[0], -1), axis=1) for w in full]
+    if len({w.shape for w in full}) > 1:
+      return None
+  coefficients = [l.weight for l in registered]
+  if not sum(coefficients):
+    coefficients = [1.0] * len(full)
+  return sum(c / sum(coefficients) * w for c, w in zip(coefficients, full))
+
+
+def _check_batch_axes(batch_axes: Any, args: Sequence[Any]) -> Any:
+  """`batch_axes` as one vmap-style entry per argument (None: the default rule)."""
+  if batch_axes is None:
+    return None
+  if isinstance(batch_axes, int) or not isinstance(batch_axes, (tuple, list)):
+    batch_axes = (batch_axes,) * len(args)
+  batch_axes = tuple(batch_axes)
+  if len(batch_axes) != len(args):
+    raise ValueError(
+        f"batch_axes has {len(batch_axes)} entries, but the loss function has "
+        f"{len(args)} argument(s) after params. Give one entry per argument (an axis, "
+        "None for an unbatched one, or a pytree of them), as jax.vmap's in_axes.")
+  try:
+    _broadcast_axes(batch_axes, tuple(args))
+  except ValueError as e:
+    raise ValueError(f"batch_axes {batch_axes} is not a prefix of the arguments' "
+                     f"structure: {e}") from e
+  return batch_axes
+
+
+def _broadcast_axes(batch_axes: tuple[Any, ...], args: Any) -> list[Optional[int]]:
+  """Per leaf of `args`, its axis from the prefix pytree `batch_axes`."""
+  unbatched = object()
+  spec = jax.tree.map(lambda a: unbatched if a is None else a, batch_axes,
+                      is_leaf=lambda a: a is None)
+  full = jax.tree.map(lambda axis, sub: jax.tree.map(lambda _: axis, sub), spec, tuple(args))
+  return [None if a is unbatched else a
+          for a in jax.tree.leaves(full, is_leaf=lambda a: a is unbatched)]
+
+
+def _sliced(flat_args: list[Array], axes: Sequence[Optional[int]], size: int) -> list[Array]:
+  """The first `size` examples of every batched argument leaf."""
+  return [a if axis is None else jax.lax.slice_in_dim(a, 0, size, axis=axis)
+          for a, axis in zip(flat_args, axes)]
 
 
 def _all_concrete_arrays(tree: Any) -> bool:
@@ -612,7 +782,9 @@ def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = 
               overrides: Optional[dict[str, str]] = None,
               weight_sharing: str = "expand",
               curvature_fraction: float = 1.0,
-              factor_dtype: Any = None) -> Estimator:
+              factor_dtype: Any = None,
+              batch_axes: Any = None,
+              batch_argnums: Optional[Sequence[int]] = None) -> Estimator:
   """Traces `loss_fn` once and returns the one-pass estimator `est`.
 
   The loss function computes its value with a jkfac loss
@@ -632,8 +804,9 @@ def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = 
     has_aux: whether `loss_fn` returns `(loss, aux)`.
     stats_fraction: the fraction of the batch (its first examples) whose
       statistics are computed, at the cost of one more forward pass over that
-      fraction (the paper uses 1/8). Arguments whose leading axis is the batch
-      size are sliced.
+      fraction (the paper uses 1/8). The batched arguments are sliced: those
+      `batch_axes` or `batch_argnums` say, or by default every argument leaf
+      whose leading axis has the batch's size.
     fisher_samples: targets sampled per example in mode `"fisher"`.
     overrides: per-layer block choices, `{pattern: choice}` with `fnmatch`
       patterns of layer names or parameter paths and choices `"kronecker"`,
@@ -657,10 +830,29 @@ def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = 
       dtype), but activations and output derivatives are cast to the factor
       dtype before their outer products are summed, and preconditioned
       updates come back in each parameter's own dtype.
+    batch_axes: which arguments after `params` hold the batch, and along
+      which axis, as `jax.vmap`'s `in_axes`: one entry per argument (an
+      int, None for an unbatched one, or a pytree prefix of the argument),
+      or one int for all. `stats_fraction`, `curvature_fraction` and the
+      per-example passes of the diagonal and full blocks slice only these.
+      None (the default): every argument leaf whose leading axis has the
+      batch's size (the losses' predictions' leading size), which also
+      slices state that merely has that size (a BatchNorm's `batch_stats`
+      with as many features as examples); give the axes then.
+    batch_argnums: a shorthand: the indices of the batched arguments after
+      `params` (batched along axis 0); the others are not batched.
 
   Returns:
     The estimator: call it as `est(params, *args, rng=key)`; `print(est)`
     shows the layer table.
   """
+  if batch_argnums is not None:
+    if batch_axes is not None:
+      raise ValueError("Pass batch_axes or batch_argnums, not both.")
+    numbers = (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
+    if any(not isinstance(i, int) or not 0 <= i < len(args) for i in numbers):
+      raise ValueError(f"batch_argnums must be indices into the {len(args)} argument(s) "
+                       f"after params, got {batch_argnums!r}.")
+    batch_axes = tuple(0 if i in numbers else None for i in range(len(args)))
   return Estimator(loss_fn, params, args, mode, has_aux, stats_fraction, fisher_samples,
-                   overrides, weight_sharing, curvature_fraction, factor_dtype)
+                   overrides, weight_sharing, curvature_fraction, factor_dtype, batch_axes)

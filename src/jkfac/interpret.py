@@ -54,7 +54,7 @@ class Plan:
       axes in its perturbed output; the stack's sizes). The perturbation
       arrives, and the input is returned, with the stack's axes leading
       (`tracing.Use`), wherever the model's arrays hold them.
-    losses: (loss id, prediction variable, target variable) triples.
+    losses: (loss id, prediction, target and mask variables; None for no mask).
     nested: equation index -> (how to evaluate, plan of its inner jaxpr), for
       higher-order equations that contain layers or losses.
     scan_axis: for the plan of a `scan` body, use id -> the axis of that
@@ -70,7 +70,7 @@ class Plan:
   capture_column: dict[int, int] = dataclasses.field(default_factory=dict)
   stack_layout: dict[int, tuple[Optional[tuple[int, ...]], tuple[int, ...], tuple[int, ...]]] = (
       dataclasses.field(default_factory=dict))
-  losses: list[tuple[int, Var, Var]] = dataclasses.field(default_factory=list)
+  losses: list[tuple[int, Var, Var, Optional[Var]]] = dataclasses.field(default_factory=list)
   nested: dict[int, tuple[str, "Plan"]] = dataclasses.field(default_factory=dict)
   scan_axis: dict[int, int] = dataclasses.field(default_factory=dict)
 
@@ -91,11 +91,12 @@ class Result:
     outputs: the jaxpr's output values, one per output variable.
     inputs: use id -> the captured layer input of that use (None for a
       shift alone, which has none).
-    predictions: loss id -> the loss's (prediction, target).
+    predictions: loss id -> the loss's (prediction, target, mask), the mask
+      None when the loss has none.
   """
   outputs: list[Array]
   inputs: dict[int, Array]
-  predictions: dict[int, tuple[Array, Array]]
+  predictions: dict[int, tuple[Array, Array, Optional[Array]]]
 
 
 def run(plan: Plan, args: list[Any], perturbations: Mapping[int, Array]) -> Result:
@@ -155,7 +156,8 @@ def run(plan: Plan, args: list[Any], perturbations: Mapping[int, Array]) -> Resu
       x = (jnp.broadcast_to(x, sizes + x.shape) if axes is None
            else jnp.moveaxis(x, axes, tuple(range(len(axes)))))
     inputs[use] = x
-  predictions.update({k: (read(p), read(t)) for k, p, t in plan.losses})
+  predictions.update({k: (read(p), read(t), None if m is None else read(m))
+                      for k, p, t, m in plan.losses})
   return Result([read(v) for v in plan.jaxpr.outvars], inputs, predictions)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -59,23 +59,36 @@ class Distribution:
   fisher_product: Callable[[Array, Array], Array]
   classes_last: bool = False
 
-  def num_examples(self, prediction_shape: tuple[int, ...]) -> int:
-    """Returns how many terms the loss averages over.
-
-    Args:
-      prediction_shape: the shape of the prediction; its leading
-        `example_axes` axes index the terms.
-    """
-    axes = len(prediction_shape) - 1 if self.example_axes is None else self.example_axes
-    return math.prod(prediction_shape[:axes])
-
-  def variables_per_term(self, prediction_shape: tuple[int, ...]) -> int:
-    """Returns how many random variables one averaged term predicts.
+  def term_axes(self, prediction_shape: tuple[int, ...]) -> int:
+    """Returns how many leading axes of the prediction index the loss's terms.
 
     Args:
       prediction_shape: the shape of the prediction.
     """
-    axes = len(prediction_shape) - 1 if self.example_axes is None else self.example_axes
+    return len(prediction_shape) - 1 if self.example_axes is None else self.example_axes
+
+  def num_examples(self, prediction_shape: tuple[int, ...],
+                   term_axes: Optional[int] = None) -> int:
+    """Returns how many terms the loss averages over.
+
+    Args:
+      prediction_shape: the shape of the prediction; its leading
+        `term_axes` axes index the terms.
+      term_axes: None for the distribution's own (`example_axes`); a mask
+        over more leading axes makes each of their positions a term.
+    """
+    axes = self.term_axes(prediction_shape) if term_axes is None else term_axes
+    return math.prod(prediction_shape[:axes])
+
+  def variables_per_term(self, prediction_shape: tuple[int, ...],
+                         term_axes: Optional[int] = None) -> int:
+    """Returns how many random variables one averaged term predicts.
+
+    Args:
+      prediction_shape: the shape of the prediction.
+      term_axes: as for `num_examples`.
+    """
+    axes = self.term_axes(prediction_shape) if term_axes is None else term_axes
     event = prediction_shape[axes:]
     return math.prod(event[:-1] if self.classes_last else event)
 
@@ -142,13 +155,18 @@ DISTRIBUTIONS = {d.name: d for d in (CATEGORICAL, BERNOULLI, GAUSSIAN)}
 
 
 def register_categorical_predictive(logits: Array, labels: Array,
-                                    weight: float = 1.0) -> Array:
+                                    weight: float = 1.0,
+                                    mask: Optional[Array] = None) -> Array:
   """Registers a categorical distribution `softmax(logits)` over integer labels.
 
   Args:
     logits: shape `(..., classes)`.
     labels: integer labels, shape `logits.shape[:-1]`.
     weight: the loss's coefficient in the total loss.
+    mask: None, or non-negative weights of the examples or positions,
+      shaped as leading axes of `labels` (`(batch,)`, `(batch, positions)`);
+      the loss computed from the logits is then `sum(mask * nll) /
+      sum(mask)` (see `softmax_cross_entropy`), and so is its curvature.
 
   Returns:
     `logits`, unchanged: compute the loss value from it.
@@ -171,17 +189,22 @@ def register_categorical_predictive(logits: Array, labels: Array,
         f"Categorical loss: labels must be in [0, {classes}) for logits with {classes} "
         f"classes, got labels from {low} to {high}. Give the model one output per class, "
         f"or remap the labels to 0..{classes - 1}.")
-  return tags.loss_tag(logits, labels, distribution="categorical", weight=weight)
+  return tags.loss_tag(logits, labels, distribution="categorical", weight=weight,
+                       mask=_term_mask("softmax_cross_entropy", mask, logits, True))
 
 
 def register_bernoulli_predictive(logits: Array, targets: Array,
-                                  weight: float = 1.0) -> Array:
+                                  weight: float = 1.0,
+                                  mask: Optional[Array] = None) -> Array:
   """Registers independent Bernoulli outputs `sigmoid(logits)`.
 
   Args:
     logits: shape `(batch, ...)`.
     targets: values in [0, 1], the same shape.
     weight: the loss's coefficient in the total loss.
+    mask: None, or non-negative weights shaped as leading axes of `logits`:
+      each of their positions is a term, its outputs summed (see
+      `sigmoid_cross_entropy`).
 
   Returns:
     `logits`, unchanged.
@@ -193,23 +216,80 @@ def register_bernoulli_predictive(logits: Array, targets: Array,
         f"sigmoid_cross_entropy: targets must be in [0, 1] (probabilities), got values "
         f"from {low} to {high}. Rescale them, e.g. (targets + 1) / 2 for labels in "
         "{-1, 1}; for integer class labels use jkfac.softmax_cross_entropy.")
-  return tags.loss_tag(logits, targets, distribution="bernoulli", weight=weight)
+  return tags.loss_tag(logits, targets, distribution="bernoulli", weight=weight,
+                       mask=_term_mask("sigmoid_cross_entropy", mask, logits, False))
 
 
 def register_gaussian_predictive(mean: Array, targets: Array,
-                                 weight: float = 1.0) -> Array:
+                                 weight: float = 1.0,
+                                 mask: Optional[Array] = None) -> Array:
   """Registers a unit-variance Gaussian with the given mean.
 
   Args:
     mean: shape `(batch, ...)`.
     targets: the same shape.
     weight: the loss's coefficient in the total loss.
+    mask: None, or non-negative weights shaped as leading axes of `mean`
+      (see `squared_error`).
 
   Returns:
     `mean`, unchanged.
   """
   _check_same_shape("squared_error", mean, targets)
-  return tags.loss_tag(mean, targets, distribution="gaussian", weight=weight)
+  return tags.loss_tag(mean, targets, distribution="gaussian", weight=weight,
+                       mask=_term_mask("squared_error", mask, mean, False))
+
+
+def _term_mask(name: str, mask: Optional[Array], prediction: Array,
+               classes_last: bool) -> Optional[Array]:
+  """The mask as float weights of the loss's terms, or None.
+
+  The terms are the prediction's positions over the mask's axes (all but
+  the class axis for a categorical prediction, the mask broadcast over the
+  others); a mask already in that shape comes back unchanged.
+  """
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  limit = prediction.ndim - 1 if classes_last else prediction.ndim
+  if not (1 <= mask.ndim <= limit) or any(
+      m not in (1, p) for m, p in zip(mask.shape, prediction.shape)):
+    raise ValueError(
+        f"{name}: mask has shape {mask.shape}, but it weighs the loss's terms and must be "
+        f"shaped as leading axes of the prediction {prediction.shape}"
+        + (" without its class axis" if classes_last else "") + ": (batch,) to weigh "
+        "examples, (batch, positions) to weigh tokens. Reshape it, e.g. "
+        "mask.reshape(batch, -1), or drop its trailing size-1 axes.")
+  if not (jnp.issubdtype(mask.dtype, jnp.number) or mask.dtype == jnp.bool_):
+    raise TypeError(f"{name}: mask must be boolean or numeric, got dtype {mask.dtype}.")
+  low, _ = _concrete_range(mask)
+  if low is not None and low < 0:
+    raise ValueError(f"{name}: mask must be non-negative (weights, 0 to leave a term out), "
+                     f"got values down to {low}.")
+  axes = limit if classes_last else mask.ndim
+  mask = mask.reshape(mask.shape + (1,) * (axes - mask.ndim))
+  dtype = _float(prediction).dtype
+  return jnp.broadcast_to(mask, prediction.shape[:axes]).astype(dtype)
+
+
+def _weighted_mean(nll: Array, mask: Optional[Array]) -> Array:
+  """`sum(mask * nll) / sum(mask)` over the terms (0 if every weight is 0).
+
+  Args:
+    nll: the per-term negative log-likelihoods, summed over the outputs of
+      a term, shaped as the mask (or the examples, without one).
+    mask: the term weights from `_term_mask`, or None for the mean.
+  """
+  if mask is None:
+    return jnp.mean(nll)
+  total = jnp.sum(mask)
+  return jnp.sum(mask * nll) / jnp.where(total > 0, total, 1)
+
+
+def _summed_to_terms(per_element: Array, mask: Optional[Array]) -> Array:
+  """Elementwise losses summed over each term's outputs (examples without a mask)."""
+  axes = 1 if mask is None else mask.ndim
+  return jnp.sum(per_element.reshape(per_element.shape[:axes] + (-1,)), axis=-1)
 
 
 def _check_same_shape(name: str, prediction: Array, targets: Array) -> None:
@@ -241,7 +321,8 @@ def _concrete_range(values: Array) -> tuple[Any, Any]:
   return values.min().item(), values.max().item()
 
 
-def softmax_cross_entropy(logits: Array, labels: Array, weight: float = 1.0) -> Array:
+def softmax_cross_entropy(logits: Array, labels: Array, weight: float = 1.0,
+                          mask: Optional[Array] = None) -> Array:
   """Mean negative log-likelihood of integer labels under `softmax(logits)`.
 
   Registers a categorical predictive distribution (K-FAC, section 2).
@@ -252,17 +333,27 @@ def softmax_cross_entropy(logits: Array, labels: Array, weight: float = 1.0) -> 
       of range labels are refused in an eager call; under `jit` and inside
       `est` they cannot be checked without a host sync and give a NaN loss.
     weight: multiplies the returned value and the registered curvature.
+    mask: None, or non-negative weights (boolean or float, traced under
+      `jit` as any argument) shaped as leading axes of `labels`: `(batch,)`
+      weighs examples, `(batch, positions)` tokens (padding 0). The loss is
+      then `sum(mask * nll) / sum(mask)` over the positions, the mask
+      broadcast over the axes it lacks, and the statistics weigh every term
+      the same way: a term of weight 0 contributes nothing to the loss, the
+      gradient or the curvature.
 
   Returns:
-    `weight` times the mean over examples of `-log softmax(logits)[label]`.
+    `weight` times the mean (weighted by `mask`) over examples and positions
+    of `-log softmax(logits)[label]`.
   """
-  logits = _float(register_categorical_predictive(logits, labels, weight))
+  mask = _term_mask("softmax_cross_entropy", mask, logits, True)
+  logits = _float(register_categorical_predictive(logits, labels, weight, mask))
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
-  return weight * jnp.mean(nll)
+  return weight * _weighted_mean(nll, mask)
 
 
-def sigmoid_cross_entropy(logits: Array, targets: Array, weight: float = 1.0) -> Array:
+def sigmoid_cross_entropy(logits: Array, targets: Array, weight: float = 1.0,
+                          mask: Optional[Array] = None) -> Array:
   """Bernoulli cross-entropy, summed over output dimensions, mean over the batch.
 
   Registers independent Bernoulli outputs `sigmoid(logits)`.
@@ -271,17 +362,24 @@ def sigmoid_cross_entropy(logits: Array, targets: Array, weight: float = 1.0) ->
     logits: shape `(batch, ...)`.
     targets: values in [0, 1], the same shape.
     weight: multiplies the returned value and the registered curvature.
+    mask: None, or non-negative weights shaped as leading axes of `logits`
+      (`(batch,)`, `(batch, positions)`, ...): each position of the mask is
+      a term, the cross-entropy summed over its remaining axes, and the loss
+      is `sum(mask * term) / sum(mask)` (statistics weighted alike).
 
   Returns:
-    `weight` times the batch mean of the per-example loss.
+    `weight` times the batch mean of the per-example loss (the weighted
+    mean of the terms with a mask).
   """
-  logits = _float(register_bernoulli_predictive(logits, targets, weight))
+  mask = _term_mask("sigmoid_cross_entropy", mask, logits, False)
+  logits = _float(register_bernoulli_predictive(logits, targets, weight, mask))
   per_element = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(
       jnp.exp(-jnp.abs(logits)))
-  return weight * jnp.sum(per_element) / logits.shape[0]
+  return weight * _weighted_mean(_summed_to_terms(per_element, mask), mask)
 
 
-def squared_error(predictions: Array, targets: Array, weight: float = 1.0) -> Array:
+def squared_error(predictions: Array, targets: Array, weight: float = 1.0,
+                  mask: Optional[Array] = None) -> Array:
   """Half the squared error, summed over output dimensions, mean over the batch.
 
   Registers a unit-variance Gaussian, whose Fisher equals the Gauss-Newton
@@ -291,9 +389,18 @@ def squared_error(predictions: Array, targets: Array, weight: float = 1.0) -> Ar
     predictions: shape `(batch, ...)`.
     targets: the same shape.
     weight: multiplies the returned value and the registered curvature.
+    mask: None, or non-negative weights shaped as leading axes of
+      `predictions` (e.g. `(batch, positions)` for `(batch, positions,
+      features)`): each position of the mask is a term, its squared errors
+      summed, and the loss is `sum(mask * term) / sum(mask)` (statistics
+      weighted alike; targets at positions of weight 0 may be any finite
+      value).
 
   Returns:
-    `weight` times the batch mean of `0.5 * sum((predictions - targets)**2)`.
+    `weight` times the batch mean of `0.5 * sum((predictions - targets)**2)`
+    (the weighted mean of the terms with a mask).
   """
-  predictions = _float(register_gaussian_predictive(predictions, targets, weight))
-  return weight * 0.5 * jnp.sum((predictions - targets) ** 2) / predictions.shape[0]
+  mask = _term_mask("squared_error", mask, predictions, False)
+  predictions = _float(register_gaussian_predictive(predictions, targets, weight, mask))
+  per_element = 0.5 * (predictions - targets) ** 2
+  return weight * _weighted_mean(_summed_to_terms(per_element, mask), mask)

@@ -177,7 +177,7 @@ def register_scale_and_shift(y: Array, x: Array, scale: Optional[Array] = None,
 
 
 def loss_tag(prediction: Array, target: Array, *, distribution: str,
-             weight: float = 1.0) -> Array:
+             weight: float = 1.0, mask: Optional[Array] = None) -> Array:
   """Registers `prediction` as the parameters of a predictive distribution.
 
   Args:
@@ -186,11 +186,15 @@ def loss_tag(prediction: Array, target: Array, *, distribution: str,
     distribution: `"categorical"`, `"bernoulli"` or `"gaussian"`.
     weight: the coefficient of this loss in the total loss, so that the
       curvature of `weight * loss` is `weight` times the loss's curvature.
+    mask: None, or the non-negative weights of the loss's terms, shaped as
+      the prediction's leading axes (`jkfac.losses` checks and broadcasts
+      it): the loss is `sum(mask * nll) / sum(mask)` over those terms.
 
   Returns:
     `prediction`, unchanged.
   """
-  return loss_tag_p.bind(prediction, target, distribution=distribution,
+  operands = (prediction, target) if mask is None else (prediction, target, mask)
+  return loss_tag_p.bind(*operands, distribution=distribution,
                          weight=_static_weight(weight))
 
 

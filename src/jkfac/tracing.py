@@ -136,21 +136,38 @@ class Loss:
       `losses.DISTRIBUTIONS`: `"categorical"`, ...).
     weight: its coefficient in the total loss, as registered.
     prediction_shape: the shape of the prediction it is computed from.
+    term_axes: with a mask, how many leading prediction axes index the
+      weighted terms (the mask's shape); None: the distribution's own.
   """
   id: int
   distribution: str
   weight: float
   prediction_shape: tuple[int, ...]
+  term_axes: Optional[int] = None
+
+  @property
+  def masked(self) -> bool:
+    """Whether the loss weighs its terms by a mask (`term_weights`)."""
+    return self.term_axes is not None
+
+  @property
+  def term_shape(self) -> tuple[int, ...]:
+    """The shape of the terms the loss averages (or weighs) over."""
+    dist = losses.DISTRIBUTIONS[self.distribution]
+    axes = dist.term_axes(self.prediction_shape) if self.term_axes is None else self.term_axes
+    return self.prediction_shape[:axes]
 
   @property
   def num_examples(self) -> int:
     """How many terms the loss averages over (`losses.Distribution.num_examples`)."""
-    return losses.DISTRIBUTIONS[self.distribution].num_examples(self.prediction_shape)
+    return losses.DISTRIBUTIONS[self.distribution].num_examples(self.prediction_shape,
+                                                                self.term_axes)
 
   @property
   def variables_per_term(self) -> int:
     """Predicted variables in one term (`losses.Distribution.variables_per_term`)."""
-    return losses.DISTRIBUTIONS[self.distribution].variables_per_term(self.prediction_shape)
+    return losses.DISTRIBUTIONS[self.distribution].variables_per_term(self.prediction_shape,
+                                                                      self.term_axes)
 
 
 @dataclasses.dataclass
@@ -419,10 +436,12 @@ class _Walker:
                                sliced_by=slicing.pop() if slicing else ()))
 
   def _loss_tag(self, eqn, plan: interpret.Plan) -> None:
+    mask = eqn.invars[2] if len(eqn.invars) > 2 else None
     loss = Loss(self._new_id(), eqn.params["distribution"], eqn.params["weight"],
-                tuple(eqn.outvars[0].aval.shape))
+                tuple(eqn.outvars[0].aval.shape),
+                None if mask is None else len(mask.aval.shape))
     self.losses.append(loss)
-    plan.losses.append((loss.id, eqn.outvars[0], eqn.invars[1]))
+    plan.losses.append((loss.id, eqn.outvars[0], eqn.invars[1], mask))
 
   def _dense(self, index: int, eqn, ins: list[Any], plan: interpret.Plan,
              pending: list[_Pending]) -> None:

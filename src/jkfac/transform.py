@@ -183,10 +183,31 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
   layers = [layer for layer in est.layers if layer.name not in in_chain]
   block_of = {layer.name: blocks.for_layer(layer) for layer in layers}
 
+  def owned(present: tuple[bool, ...], where: str) -> set[str]:
+    """The names of the layers whose parameters a (partitioned) pytree holds."""
+    names = set()
+    for group in [[layer] for layer in layers] + chain_layers:
+      held = [present[p.index] for layer in group for p in layer.params]
+      if all(held):
+        names.update(layer.name for layer in group)
+      elif any(held):
+        what = (f"layer {group[0].name!r}" if len(group) == 1 else
+                "the block-tridiagonal chain " + ", ".join(repr(l.name) for l in group))
+        raise ValueError(
+            f"{where}: {what} has parameters both inside and outside this transform's "
+            "partition (optax.multi_transform, partition or masked): K-FAC "
+            "preconditions a layer's parameters together. Label all of a layer's "
+            "parameters alike" + ("." if len(group) == 1 else
+                                  ", or use structure='block_diagonal'."))
+    return names
+
   def init_fn(params: Any) -> ScaleByKFACState:
-    leaves = est.check_params(params, "scale_by_kfac.init(params)")
+    where = "scale_by_kfac.init(params)"
+    params_view, leaves = est.align(params, where, partial=True)
+    names = owned(params_view.present, where)
     traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
-    factor_shapes = jax.eval_shape(est.zero_factors)
+    factor_shapes = {name: shapes for name, shapes in jax.eval_shape(est.zero_factors).items()
+                     if name in names}
     damping0 = value_at(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
     inverse_shapes = jax.eval_shape(lambda f: _inverses(f, damping0), factor_shapes)
     zero = jnp.zeros([], jnp.int32)
@@ -195,9 +216,11 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
 
   def _inverses(factors, lam, spread_over=None):
     items = [([layer], lambda layer=layer: [block_of[layer.name].inverse(
-        layer, factors[layer.name], lam, inverse_method)]) for layer in layers]
+        layer, factors[layer.name], lam, inverse_method)])
+             for layer in layers if layer.name in factors]
     items += [(chain, lambda chain=chain: tridiagonal.inverses(
-        [factors[l.name] for l in chain], lam, inverse_method)) for chain in chain_layers]
+        [factors[l.name] for l in chain], lam, inverse_method))
+              for chain in chain_layers if chain[0].name in factors]
     functions = [f for _, f in items]
     if spread_over is not None:
       costs = [distributed.cubic_cost([factors[l.name] for l in owners]) for owners, _ in items]
@@ -210,10 +233,15 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
   def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, damping_now: Optional[Array] = None,
                 refresh_now: Any = False, **unused_extra_args):
+    where = "scale_by_kfac.update(grads, ...)"
     _check_state(state, ScaleByKFACState, "scale_by_kfac.update")
-    _check_stats(stats, est, state.factors)
-    flat_grads = est.check_params(updates, "scale_by_kfac.update(grads, ...)")
-    batch = stats.factors
+    batch = _check_stats(stats, est, state.factors)
+    grads_view, flat_grads = est.align(updates, where, partial=True)
+    if owned(grads_view.present, where) != set(state.factors):
+      raise ValueError(
+          f"{where}: the gradient holds other parameters than those given to "
+          "scale_by_kfac.init (optax.MaskedNode in other places). Pass the same "
+          "partition of the parameters to init and update.")
     count = state.count + 1
     epsilon = jnp.minimum(1.0 - 1.0 / count.astype(est.factor_dtype), decay)
     finite = linalg.all_finite(batch)
@@ -247,18 +275,22 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
                                        state.failed_refreshes), None)
     new_flat = list(flat_grads)
     for layer in layers:
+      if layer.name not in factors:
+        continue
       grads = [flat_grads[p.index] for p in layer.params]
       preconditioned = block_of[layer.name].precondition(layer, inverses[layer.name], grads)
       for p, g in zip(layer.params, preconditioned):
         new_flat[p.index] = g
     for chain in chain_layers:
+      if chain[0].name not in factors:
+        continue
       grads = [[flat_grads[p.index] for p in layer.params] for layer in chain]
       preconditioned = tridiagonal.precondition_layers(
           chain, [inverses[l.name] for l in chain], grads)
       for layer, layer_grads in zip(chain, preconditioned):
         for p, g in zip(layer.params, layer_grads):
           new_flat[p.index] = g
-    new_updates = jax.tree_util.tree_unflatten(est.params_tree, new_flat)
+    new_updates = grads_view.rebuild(new_flat)
     new_state = ScaleByKFACState(
         count, factors, inverses, used_damping, state.skipped + (~finite).astype(jnp.int32),
         state.nonfinite_grads + (~linalg.all_finite(flat_grads)).astype(jnp.int32),
@@ -274,7 +306,8 @@ def _zeros(shapes: Any, traced: bool) -> Any:
   return jax.tree_util.tree_map(lambda s: make(s.shape, s.dtype), shapes)
 
 
-def _check_stats(stats: Any, est: Estimator, factors: Any) -> None:
+def _check_stats(stats: Any, est: Estimator, factors: dict[str, Any]) -> dict[str, Any]:
+  """Checks `stats`; returns their factors of the layers the state keeps."""
   if stats is None:
     raise ValueError(
         "scale_by_kfac.update needs the curvature statistics of this batch: call "
@@ -289,12 +322,14 @@ def _check_stats(stats: Any, est: Estimator, factors: Any) -> None:
         f"stats come from another estimator (id {stats.estimator_id}) than the one "
         f"this transform was built with (id {est.id}). Build the optimizer with the "
         "estimator you call in the training step: jkfac.kfac(est, ...).")
-  if jax.tree_util.tree_structure(stats.factors) != jax.tree_util.tree_structure(factors):
+  batch = {name: stats.factors.get(name) for name in factors}
+  if jax.tree.structure(batch) != jax.tree.structure(factors):
     raise ValueError(
         "stats do not have the factors this transform keeps. A transform with "
         "structure='block_tridiagonal' needs cross moments the estimator computes only "
         "once such a transform is built: build the optimizer before tracing (jitting) "
         "the training step, and the optimizer state with tx.init after that.")
+  return batch
 
 
 class KFACState(NamedTuple):

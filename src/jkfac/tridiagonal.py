@@ -25,13 +25,14 @@ Applying `Ξ^T Λ Ξ` takes three sweeps over the chain (`precondition`).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jkfac import linalg
 from jkfac.blocks import dense
+from jkfac.blocks.base import row_weights
 
 Array = jax.Array
 
@@ -92,7 +93,8 @@ def _homogeneous(layer: Any, x: Array, dtype: Any) -> Array:
 
 
 def cross_moments(first: Any, second: Any, inputs: Sequence[Array],
-                  output_grads: Sequence[Array], dtype: Any) -> dict[str, Array]:
+                  output_grads: Sequence[Array], dtype: Any,
+                  weights: Optional[Array] = None) -> dict[str, Array]:
   """`A_{i,i+1}` and `G_{i,i+1}` of two consecutive chain layers, this batch.
 
   Args:
@@ -102,13 +104,16 @@ def cross_moments(first: Any, second: Any, inputs: Sequence[Array],
     output_grads: their output derivatives, `(K, batch, out)` each, scaled as
       for the `G` factors (a sum over passes and rows is the mean).
     dtype: the factor dtype.
+    weights: a masked loss's term weights (`blocks.Captures.weights`), or None.
 
   Returns:
     `{"A_next": (in_i[+1], in_{i+1}[+1]), "G_next": (out_i, out_{i+1})}`.
   """
   a_i, a_j = _homogeneous(first, inputs[0], dtype), _homogeneous(second, inputs[1], dtype)
+  rows = row_weights(weights, a_i.shape[:1], dtype)
+  weighted = a_i if rows is None else a_i * rows[:, None]
   g_i, g_j = (g.astype(dtype).reshape(-1, g.shape[-1]) for g in output_grads)
-  return {"A_next": a_i.T @ a_j / a_i.shape[0], "G_next": g_i.T @ g_j}
+  return {"A_next": weighted.T @ a_j / a_i.shape[0], "G_next": g_i.T @ g_j}
 
 
 def _generalised_eigen(matrix: Array, other: Array) -> tuple[Array, Array]:

@@ -27,12 +27,47 @@ class Captures:
       over examples of `block.gradient_moment` of each example's gradients
       (already scaled the same way), else None.
     dtype: the factor dtype.
+    weights: None, or the weights of the loss's terms when it is masked
+      (mean 1, shaped as the terms: `(batch,)` or `(batch, positions)`):
+      input-side statistics weigh each row by its term's weight
+      (`row_weights`), so that masked examples and tokens contribute
+      nothing; the output derivatives already carry them.
   """
   uses: Sequence[Any]
   inputs: Sequence[Array] = ()
   output_grads: Sequence[Array] = ()
   gradient_moment: Optional[Array] = None
   dtype: Any = jnp.float32
+  weights: Optional[Array] = None
+
+
+def row_weights(weights: Optional[Array], rows_shape: Sequence[int], dtype: Any
+                ) -> Optional[Array]:
+  """The weights of a layer's rows (examples, positions), from the terms' weights.
+
+  Args:
+    weights: `Captures.weights` (None: unweighted).
+    rows_shape: the shape of the layer's rows, examples first (`(batch,)`,
+      `(batch, positions)`, a convolution's `(batch, height, width)`).
+    dtype: the factor dtype.
+
+  Returns:
+    None without weights; the weights broadcast over `rows_shape` when the
+    rows' leading axes are the terms' (a token mask on a layer over the
+    tokens); else each example's mean weight broadcast over its rows when
+    the rows start with the examples; else None (rows that are not the
+    loss's examples, whose statistics stay unweighted).
+  """
+  if weights is None:
+    return None
+  rows_shape = tuple(rows_shape)
+  terms = weights.shape
+  if rows_shape[:len(terms)] != terms:
+    if not rows_shape or rows_shape[0] != terms[0]:
+      return None
+    weights = jnp.mean(weights.reshape(terms[0], -1), axis=1)
+  weights = weights.reshape(weights.shape + (1,) * (len(rows_shape) - weights.ndim))
+  return jnp.broadcast_to(weights, rows_shape).astype(dtype)
 
 
 def with_bias_moments(second_moment: Array, mean: Array) -> Array:

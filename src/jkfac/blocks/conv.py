@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jkfac import linalg
-from jkfac.blocks.base import Block, Captures, with_bias_moments
+from jkfac.blocks.base import Block, Captures, row_weights, with_bias_moments
 
 Array = jax.Array
 
@@ -215,7 +215,17 @@ class ConvBlock(Block):
     groups = spec.groups
     squares, sums, g_cov, rows = 0.0, 0.0, 0.0, 0
     for x, g in zip(captures.inputs, captures.output_grads):
-      square, total = _patch_moments(x.astype(dtype), spec, kernel_shape)
+      x = x.astype(dtype)
+      # With a masked loss, each example's patches weighted by its mean term weight.
+      weight = row_weights(captures.weights, (x.shape[spec.lhs_spec[0]],), dtype)
+      if weight is None:
+        square, total = _patch_moments(x, spec, kernel_shape)
+      else:
+        per_example = lambda v: jnp.moveaxis(v, spec.lhs_spec[0], -1)
+        at_batch = lambda v: jnp.moveaxis(v, -1, spec.lhs_spec[0])
+        square, _ = _patch_moments(at_batch(per_example(x) * jnp.sqrt(weight)), spec,
+                                   kernel_shape)
+        _, total = _patch_moments(at_batch(per_example(x) * weight), spec, kernel_shape)
       squares, sums = squares + square, sums + total
       rows += math.prod(g.shape[1:]) // g.shape[1 + spec.out_spec[1]]
       g = jnp.moveaxis(g.astype(dtype), 1 + spec.out_spec[1], -1)

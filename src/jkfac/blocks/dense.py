@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jkfac import linalg
-from jkfac.blocks.base import Block, Captures, with_bias_moments
+from jkfac.blocks.base import Block, Captures, row_weights, with_bias_moments
 
 Array = jax.Array
 
@@ -155,18 +155,28 @@ class DenseBlock(Block):
     pairs = [(_features_last(x, use.x_axes, dtype),
               _features_last(g, [a + 1 for a in use.out_axes], dtype))  # g's axis 0: passes
              for use, x, g in zip(captures.uses, captures.inputs, captures.output_grads)]
+    # With a masked loss, rows weighted by their terms' weights (mean 1).
+    weights = [row_weights(captures.weights, x.shape[:-1], dtype) for x, _ in pairs]
+    weighted = [x if w is None else x * w[..., None] for (x, _), w in zip(pairs, weights)]
     if layer.option("weight_sharing", "expand") == "reduce":
       rows = sum(math.prod(x.shape[1:-1]) for x, _ in pairs)  # per example, all uses
-      x = sum(jnp.sum(x.reshape(x.shape[0], -1, x.shape[-1]), axis=1) for x, _ in pairs) / rows
+      per_example = lambda x: jnp.sum(x.reshape(x.shape[0], -1, x.shape[-1]), axis=1)
+      # Each example's rows averaged by weight, the example weighted by their mean:
+      # A = Σ_b s_b s_b^T / (c_b · rows) / batch, s_b = Σ w x, c_b = Σ w.
+      s = sum(per_example(x) for x in weighted)
+      x = s / rows
+      c = sum(jnp.full(x.shape[:1], math.prod(x.shape[1:-1]), dtype) if w is None else
+              jnp.sum(w.reshape(w.shape[0], -1), axis=1) for (x, _), w in zip(pairs, weights))
       g = sum(jnp.sum(g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]), axis=2)
               for _, g in pairs).reshape(-1, pairs[0][1].shape[-1])
-      a, mean, g_cov = x.T @ x / x.shape[0], jnp.mean(x, axis=0), g.T @ g
+      a = (s / jnp.where(c > 0, c, 1.0)[:, None]).T @ x / x.shape[0]
+      mean, g_cov = jnp.mean(x, axis=0), g.T @ g
     else:
       rows = sum(math.prod(x.shape[:-1]) for x, _ in pairs)
-      flat = [(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])) for x, g in pairs]
-      a = sum(x.T @ x for x, _ in flat) / rows
-      mean = sum(jnp.sum(x, axis=0) for x, _ in flat) / rows
-      g_cov = sum(g.T @ g for _, g in flat)
+      flat = lambda x: x.reshape(-1, x.shape[-1])
+      a = sum(flat(w).T @ flat(x) for (x, _), w in zip(pairs, weighted)) / rows
+      mean = sum(jnp.sum(flat(w), axis=0) for w in weighted) / rows
+      g_cov = sum(flat(g).T @ flat(g) for _, g in pairs)
     if layer.option("bias"):
       a = with_bias_moments(a, mean)
     return {"A": a, "G": g_cov}

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jkfac import linalg
-from jkfac.blocks.base import Block, Captures
+from jkfac.blocks.base import Block, Captures, row_weights
 
 Array = jax.Array
 
@@ -41,15 +41,17 @@ class EmbeddingBlock(Block):
 
     Returns:
       `A[i]`, the fraction of the looked-up ids (all uses together) equal to
-      `i`, ids outside the table adding to no entry; `G`, the sum over the
-      rows of `g g^T`.
+      `i` (weighted by a masked loss's term weights), ids outside the table
+      adding to no entry; `G`, the sum over the rows of `g g^T`.
     """
     vocab, features = layer.params[0].shape
     dtype = captures.dtype
     counts, g_cov, rows = jnp.zeros((vocab,), dtype), 0.0, 0
     for ids, g in zip(captures.inputs, captures.output_grads):
+      weight = row_weights(captures.weights, ids.shape, dtype)  # a masked loss's
       ids = ids.reshape(-1).astype(jnp.int32)
-      counts = counts.at[ids].add(jnp.ones(ids.shape, dtype), mode="drop")
+      counts = counts.at[ids].add(jnp.ones(ids.shape, dtype) if weight is None
+                                  else weight.reshape(-1), mode="drop")
       rows += ids.shape[0]
       g_rows = g.astype(dtype).reshape(-1, features)
       g_cov = g_cov + g_rows.T @ g_rows
