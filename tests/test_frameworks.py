@@ -17,6 +17,7 @@ import optax
 import pytest
 
 import jkfac
+from test_scan import _ONCE  # the frameworks' loops run in the newest-JAX suite only
 
 STEPS, FEATURES, CLASSES = 30, 16, 4
 X = jax.random.normal(jax.random.key(0), (128, FEATURES), jnp.float32)
@@ -29,6 +30,7 @@ def _assert_kfac_beats_adam(train):
   assert np.isfinite(kfac_loss) and kfac_loss < adam_loss, (kfac_loss, adam_loss)
 
 
+@_ONCE
 @pytest.mark.parametrize("jit", [True, False])
 def test_nnx_optimizer(jit):
   """nnx.Optimizer(model, jkfac.kfac(est), wrt=nnx.Param), under nnx.jit and eagerly."""
@@ -68,6 +70,7 @@ def test_nnx_optimizer(jit):
     assert np.isfinite(train(kfac=True))
 
 
+@_ONCE
 def test_nnx_example_trains_a_masked_sequence_model(capsys):
   """examples/nnx_training.py: nnx.Optimizer, nnx.jit and a token mask."""
   pytest.importorskip("flax.nnx")
@@ -76,6 +79,7 @@ def test_nnx_example_trains_a_masked_sequence_model(capsys):
   assert "masked over (64, 12)" in capsys.readouterr().out
 
 
+@_ONCE
 def test_linen_train_state():
   """flax linen's TrainState, with apply_gradients taking the statistics (README)."""
   nn = pytest.importorskip("flax.linen")
@@ -119,6 +123,7 @@ def test_linen_train_state():
   _assert_kfac_beats_adam(train)
 
 
+@_ONCE
 def test_equinox_filter_jit():
   """An equinox MLP split with eqx.partition, trained in a filter_jit loop."""
   eqx = pytest.importorskip("equinox")
@@ -152,6 +157,7 @@ def test_equinox_filter_jit():
                     X, Y)
 
 
+@_ONCE
 def test_haiku_transform():
   """A haiku MLP under hk.transform."""
   hk = pytest.importorskip("haiku")

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import jkfac
+from test_scan import _ONCE
 
 B, D, H, C = 12, 5, 7, 3
 MASK = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1], np.float64)
@@ -45,7 +46,7 @@ LOSSES = {
 @pytest.mark.parametrize("name, overrides, adaptive", [
     ("softmax_cross_entropy", None, False),
     ("sigmoid_cross_entropy", {"w1*": "diagonal"}, True),
-    ("squared_error", None, True),
+    pytest.param("squared_error", None, True, marks=_ONCE),
 ])
 def test_masking_examples_equals_dropping_them(name, overrides, adaptive):
   """Loss, gradient and four updates (exact mode, float64): masked = dropped.
