@@ -216,7 +216,7 @@ def _run(est, tx, params, args, steps):
   for i in range(steps):
     params, state, loss = step(params, state, jax.random.key(i))
     losses.append(float(loss))
-  return params, losses[0], float(est(params, *args, rng=jax.random.key(0))[0])
+  return params, state, losses[0], float(est(params, *args, rng=jax.random.key(0))[0])
 
 
 def test_multi_transform_kfac_on_dense_adam_on_embedding():
@@ -224,12 +224,12 @@ def test_multi_transform_kfac_on_dense_adam_on_embedding():
   est = jkfac.estimator(loss_fn, params, TOKENS, TOKEN_Y)
   labels = {"embed": "adam", "dense": {"kernel": "kfac", "bias": "kfac"}}
   tx = optax.multi_transform({"adam": optax.adam(1e-2), "kfac": jkfac.kfac(est)}, labels)
-  after, first, last = _run(est, tx, params, (TOKENS, TOKEN_Y), 20)
+  after, state, first, last = _run(est, tx, params, (TOKENS, TOKEN_Y), 20)
   assert last < 0.8 * first
   assert not np.allclose(after["embed"], params["embed"])
-  state = tx.init(params)
   kfac_state = state.inner_states["kfac"].inner_state
   assert set(kfac_state.preconditioner.factors) == {"dense"}  # the embedding's kept by Adam
+  assert set(jkfac.diagnostics(est, state).layers) == {"dense"}
   # A layer split across two partitions is refused.
   split = {"embed": "adam", "dense": {"kernel": "kfac", "bias": "adam"}}
   with pytest.raises(ValueError, match="both inside and outside"):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jkfac
+from test_scan import _ONCE  # in the newest-JAX suite only (CI time)
 
 KEY = jax.random.PRNGKey(0)
 N, CLASSES = 6, 3
@@ -51,6 +52,7 @@ def _setup(norm):
   return params, x, y, loss_fn, per_example
 
 
+@_ONCE
 @pytest.mark.parametrize("norm", sorted(NORMS))
 def test_flax_normalisation_layers_are_found_with_exact_per_example_statistics(norm):
   params, x, y, loss_fn, per_example = _setup(norm)

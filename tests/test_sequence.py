@@ -8,6 +8,7 @@ import pytest
 
 import brute_force as bf
 import jkfac
+from test_scan import _ONCE  # in the newest-JAX suite only (CI time)
 
 KEY = jax.random.PRNGKey(0)
 B, T, D, H, K, CLASSES = 4, 3, 5, 2, 3, 3
@@ -102,6 +103,7 @@ class Encoder(nn.Module):
     return nn.Dense(CLASSES)(nn.LayerNorm()(h).mean(axis=1))
 
 
+@_ONCE
 def test_transformer_encoder_has_no_parameter_left_to_a_fallback():
   ids = jax.random.randint(KEY, (B, 6), 0, 11)
   y = jax.random.randint(KEY, (B,), 0, CLASSES)

@@ -10,6 +10,7 @@ from jax import lax
 
 import brute_force as bf
 import jkfac
+from test_scan import _ONCE  # in the newest-JAX suite only (CI time)
 
 KEY = jax.random.PRNGKey(0)
 X = jax.random.normal(KEY, (6, 4))
@@ -143,6 +144,7 @@ def test_flax_linen_mlp_is_found_layer_by_layer():
   assert "no parameter is left to a fallback block" in str(est)
 
 
+@_ONCE
 def test_flax_nnx_mlp_is_found_layer_by_layer():
   from flax import nnx
 

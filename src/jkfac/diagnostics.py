@@ -122,13 +122,16 @@ def diagnostics(est: Estimator, opt_state: Any, updates: Any = None,
                    rejected_steps=outer.rejected_steps, damping_streak=outer.damping_streak)
   for clip in _find(opt_state, KLClipState):
     overall["kl_clip_scale"] = clip.scale
-  flat = {name: None if tree is None else est.check_params(tree, f"diagnostics({name}=...)")
+  flat = {name: None if tree is None else
+          est.align(tree, f"diagnostics({name}=...)", partial=True)[1]
           for name, tree in (("updates", updates), ("grads", grads))}
   if flat["updates"] is not None:
-    overall["update_norm"] = _norm(flat["updates"])
+    overall["update_norm"] = _norm([u for u in flat["updates"] if u is not None])
 
   layers = {}
   for layer in est.layers:
+    if layer.name not in state.factors:  # another transform's, in an optax partition
+      continue
     factors, inverse = state.factors[layer.name], state.inverses[layer.name]
     figures = {}
     if "pi" in inverse:  # factored Tikhonov: (A + π√λ I) ⊗ (G + √λ/π I)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -51,7 +52,10 @@ class Statistics:
       `v_i^T F v_j` under the exact Fisher of the batch; `"loss_at"`, a
       `Partial` giving the loss at other parameters, both on the batch's
       first `curvature_fraction` (the whole batch by default, as in K-FAC
-      section 7); and `"loss"`, the batch's loss.
+      section 7); and `"loss"`, the batch's loss. Both take pytrees with
+      parameters masked out (`optax.MaskedNode`, an optax partition's):
+      those are zero in a vector and keep this batch's values in
+      `loss_at`.
   """
 
   def __init__(self, factors: dict[str, dict[str, Array]], estimator_id: int,
@@ -412,7 +416,7 @@ class Estimator:
           f"block: jkfac.estimator(..., overrides={{{layers[0].name!r}: 'none'}}).")
     unit_args = _sliced(flat_args, axes, 1)
     unit = self._subset_program(flat_params, unit_args, args_tree,
-                                f"the per-example gradients of {layers[0].name!r}")
+                                f"The {layers[0].kind} block of {layers[0].name!r}")
 
     def one_example(example_args, example_cots):
       def predictions(chosen):
@@ -576,11 +580,11 @@ class Estimator:
     try:
       return self._program(flat_params, flat_args, args_tree)
     except Exception as e:  # an error from inside the user's model, on the sliced arguments
-      if self.batch_axes is not None:
+      if self.batch_axes is not None or _raised_by_jkfac(e):
         raise
       raise ValueError(
-          f"{option} evaluates the loss on the first examples of the batch, slicing every "
-          "argument whose leading axis has the batch's size; the loss function failed on "
+          f"{option} evaluates the loss on part of the batch, slicing every argument "
+          "whose leading axis has the batch's size; the loss function failed on "
           f"the sliced arguments ({type(e).__name__}: {e}). An argument that merely has "
           "that size (a BatchNorm's batch_stats with as many features as examples, "
           "say) must not be sliced: say which arguments are batched, "
@@ -624,6 +628,15 @@ class Estimator:
 
   def __repr__(self) -> str:
     return self.table()
+
+
+def _raised_by_jkfac(error: BaseException) -> bool:
+  """Whether `error` was raised by jkfac's own code (its checks name their fix)."""
+  frame = error.__traceback__
+  while frame is not None and frame.tb_next is not None:
+    frame = frame.tb_next
+  return frame is not None and os.path.dirname(frame.tb_frame.f_code.co_filename) in (
+      os.path.dirname(__file__), os.path.dirname(blocks.__file__))
 
 
 def _term_weights(loss: tracing.Loss, mask: Optional[Array]) -> Optional[Array]:
