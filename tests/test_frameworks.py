@@ -66,6 +66,16 @@ def test_nnx_optimizer(jit):
 
   if jit:
     _assert_kfac_beats_adam(train)
+    # The estimator takes the state with or without its Variables, and answers alike.
+    model = MLP(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    est = jkfac.estimator(lambda p, x, y: jkfac.softmax_cross_entropy(
+        nnx.merge(graphdef, p)(x), y), params, X, Y)
+    pure = jax.tree.map(lambda v: v[...], params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    _, grads, _ = est(pure, X, Y, rng=jax.random.key(0))
+    _, wrapped, _ = est(params, X, Y, rng=jax.random.key(0))
+    assert jax.tree.structure(grads) == jax.tree.structure(pure)
+    jax.tree.map(np.testing.assert_array_equal, grads, jkfac.trees.unwrap(wrapped))
   else:  # eager nnx: the same code runs, more slowly (a few steps)
     assert np.isfinite(train(kfac=True))
 
