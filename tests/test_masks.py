@@ -127,17 +127,21 @@ def test_one_step_on_masked_tokens_is_their_least_squares_solution(weight_sharin
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8), after, reference)
 
 
-def test_masked_tokens_equal_dropped_tokens_under_jit():
+@pytest.mark.parametrize("flatten", [False, True])
+def test_masked_tokens_equal_dropped_tokens_under_jit(flatten):
   """A token mask on a per-position model, traced under jit: the statistics are
-  those of the unmasked tokens alone (a (tokens, features) batch)."""
+  those of the unmasked tokens alone (a (tokens, features) batch), also when
+  the model flattens the tokens into rows."""
   batch, positions = 4, 6
   key = jax.random.split(jax.random.key(2), 4)
   x = jax.random.normal(key[0], (batch, positions, D), jnp.float64)
   y = jax.random.randint(key[1], (batch, positions), 0, C)
   mask = (jax.random.uniform(key[2], (batch, positions)) > 0.5).astype(jnp.int32)
   params = _mlp(key[3])
+  apply = (lambda p, x: _apply(p, x.reshape(-1, D)).reshape(x.shape[:2] + (C,))) if flatten \
+      else _apply
   est = jkfac.estimator(
-      lambda p, x, y, m: jkfac.softmax_cross_entropy(_apply(p, x), y, mask=m), params, x, y,
+      lambda p, x, y, m: jkfac.softmax_cross_entropy(apply(p, x), y, mask=m), params, x, y,
       mask, mode="exact")
   loss, grads, stats = jax.jit(est)(params, x, y, mask)
   rows = np.asarray(mask).reshape(-1) > 0

@@ -54,15 +54,18 @@ def row_weights(weights: Optional[Array], rows_shape: Sequence[int], dtype: Any
   Returns:
     None without weights; the weights broadcast over `rows_shape` when the
     rows' leading axes are the terms' (a token mask on a layer over the
-    tokens); else each example's mean weight broadcast over its rows when
-    the rows start with the examples; else None (rows that are not the
-    loss's examples, whose statistics stay unweighted).
+    tokens) or their flattening (`(batch * positions, ...)` rows); else
+    each example's mean weight broadcast over its rows when the rows start
+    with the examples; else None (rows that are not the loss's examples,
+    whose statistics stay unweighted).
   """
   if weights is None:
     return None
   rows_shape = tuple(rows_shape)
   terms = weights.shape
-  if rows_shape[:len(terms)] != terms:
+  if rows_shape and rows_shape[0] == weights.size and len(terms) > 1:
+    weights = weights.reshape(-1)  # the terms flattened into rows, (batch * positions, ...)
+  elif rows_shape[:len(terms)] != terms:
     if not rows_shape or rows_shape[0] != terms[0]:
       return None
     weights = jnp.mean(weights.reshape(terms[0], -1), axis=1)
