@@ -1,5 +1,7 @@
 """Several devices (8 CPU devices, see conftest.py) give the one-device result."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,18 +152,44 @@ def _sharded_jit(tx_fn, params, x, y, steps, mesh):
   return params, step, (state, x, y)
 
 
+# JAX 0.8 cannot differentiate `x @ w` with the batch of `x` sharded over an Explicit
+# axis (`jax.grad` itself raises its ShardingTypeError); JAX 0.9 can.
+_EXPLICIT = pytest.param("explicit", marks=pytest.mark.skipif(
+    jax.__version_info__ < (0, 9), reason="JAX < 0.9 cannot differentiate a dense layer "
+    "over an Explicit batch-sharded input (jax.grad fails too)"))
+
+
+def _mesh(axes: str) -> jax.sharding.Mesh:
+  """A one-axis "data" mesh of DEVICES devices, with Auto or Explicit axes."""
+  if axes == "auto":
+    return jax.sharding.Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
+  return jax.make_mesh((DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def _in_mesh(mesh: jax.sharding.Mesh):
+  """`jax.set_mesh(mesh)` for a mesh with Explicit axes, as their users write it."""
+  explicit = jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+  return jax.set_mesh(mesh) if explicit else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
 @pytest.mark.parametrize("spread", [False, True])
-def test_sharded_jit_equals_one_device_on_the_whole_batch(spread):
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:DEVICES]), ("data",))  # Auto axes
+def test_sharded_jit_equals_one_device_on_the_whole_batch(spread, axes):
+  """The three-line step, unmodified, on a batch sharded over 8 devices: with
+  Auto axes, and under `jax.set_mesh` with Explicit ones (`jax.make_mesh`'s
+  default since JAX 0.9), where the statistics' sums over the sharded batch
+  are told to come out replicated."""
+  mesh = _mesh(axes)
   params = bf.mlp_params(KEY, SIZES)
   x, y = bf.classification_data(N, SIZES[0], SIZES[-1])
   make = lambda est, mesh: jkfac.kfac(est, damping=1e-2, inverse_every=2,
                                       mesh=mesh if spread else None)
   one, _ = _single_device(lambda est, _: make(est, None), params, x, y, steps=5)
-  many, step, (state, xs, ys) = _sharded_jit(make, params, x, y, steps=5, mesh=mesh)
+  with _in_mesh(mesh):
+    many, step, (state, xs, ys) = _sharded_jit(make, params, x, y, steps=5, mesh=mesh)
+    jaxpr = jax.make_jaxpr(step)(many, state, xs, ys)
   for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)):
     np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-12)
-  jaxpr = jax.make_jaxpr(step)(many, state, xs, ys)
   switches = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "cond"
               and len(e.params["branches"]) == DEVICES]
   assert len(switches) == (1 if spread else 0)
@@ -216,11 +244,13 @@ def test_a_sharded_state_gives_the_same_updates_with_an_eighth_of_the_memory():
   assert g_inverse.sharding.shard_shape(g_inverse.shape) == (128 // DEVICES, 128)
 
 
-def test_a_shard_map_step_equals_one_device():
+@pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
+def test_a_shard_map_step_equals_one_device(axes):
   """Inside `shard_map` the optimizer works as under pmap (`axis_name`); its
-  state is per device (the factors' moving averages are each device's own)."""
+  state is per device (the factors' moving averages are each device's own).
+  Also with the mesh's axes Explicit, under `jax.set_mesh`."""
   from jax.sharding import PartitionSpec as P
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
+  mesh = _mesh(axes)
   params = bf.mlp_params(KEY, SIZES)
   x, y = bf.classification_data(N, SIZES[0], SIZES[-1])
   make = lambda est, axis: jkfac.kfac(est, damping=1e-2, inverse_every=2, axis_name=axis)
@@ -237,8 +267,11 @@ def test_a_shard_map_step_equals_one_device():
   step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")),
                                out_specs=(P(), P("data")), check_vma=False))
   state = jax.tree_util.tree_map(lambda a: jnp.stack([a] * DEVICES), tx.init(params))
+  # Explicit axes need the arguments placed as in_specs says (an Auto mesh reshards).
+  x, y, state = jax.device_put((x, y, state), jax.sharding.NamedSharding(mesh, P("data")))
   many = params
-  for _ in range(4):
-    many, state = step(many, state, x, y)
+  with _in_mesh(mesh):
+    for _ in range(4):
+      many, state = step(many, state, x, y)
   for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)):
     np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-12)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkfac import blocks, interpret, losses, tracing, trees, tridiagonal
+from jkfac import blocks, interpret, losses, sharding, tracing, trees, tridiagonal
 from jkfac.blocks import dense
 
 Array = jax.Array
@@ -382,7 +382,7 @@ class Estimator:
       weight = _term_weights(loss, mask)
       if weight is not None:
         products = [h * _over_outputs(weight, pred.ndim).astype(h.dtype) for h in products]
-      rows = [[jnp.vdot(t[index].astype(self.factor_dtype), h.astype(self.factor_dtype))
+      rows = [[sharding.vdot(t[index].astype(self.factor_dtype), h.astype(self.factor_dtype))
                for h in products] for t in tangents]
       gram = gram + scale * jnp.array(rows, self.factor_dtype)
     scales = jnp.stack(scales)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jkfac import linalg
 from jkfac.blocks import dense
 from jkfac.blocks.base import row_weights
+from jkfac.sharding import row_products
 
 Array = jax.Array
 
@@ -113,7 +114,8 @@ def cross_moments(first: Any, second: Any, inputs: Sequence[Array],
   rows = row_weights(weights, a_i.shape[:1], dtype)
   weighted = a_i if rows is None else a_i * rows[:, None]
   g_i, g_j = (g.astype(dtype).reshape(-1, g.shape[-1]) for g in output_grads)
-  return {"A_next": weighted.T @ a_j / a_i.shape[0], "G_next": g_i.T @ g_j}
+  return {"A_next": row_products(weighted, a_j) / a_i.shape[0],
+          "G_next": row_products(g_i, g_j)}
 
 
 def _generalised_eigen(matrix: Array, other: Array) -> tuple[Array, Array]:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jkfac import linalg
+from jkfac import linalg, sharding
 from jkfac.blocks.base import Block, Captures, row_weights, with_bias_moments
 
 Array = jax.Array
@@ -161,7 +161,7 @@ def _patch_moments(x: Array, spec: ConvSpec, kernel_shape: Sequence[int]) -> tup
   def moments(x_chunk):
     p = _patches(x_chunk, spec, kernel_shape)
     p = p.reshape(p.shape[0], groups, -1)
-    return jnp.einsum("rgi,rgj->gij", p, p), jnp.sum(p, axis=0)
+    return sharding.einsum("rgi,rgj->gij", p, p), jnp.sum(p, axis=0)
 
   batch_axis = spec.lhs_spec[0]
   n = x.shape[batch_axis]
@@ -230,7 +230,7 @@ class ConvBlock(Block):
       rows += math.prod(g.shape[1:]) // g.shape[1 + spec.out_spec[1]]
       g = jnp.moveaxis(g.astype(dtype), 1 + spec.out_spec[1], -1)
       g = g.reshape(-1, groups, g.shape[-1] // groups)
-      g_cov = g_cov + jnp.einsum("rgi,rgj->gij", g, g)
+      g_cov = g_cov + sharding.einsum("rgi,rgj->gij", g, g)
     a = squares / rows
     if layer.option("bias"):
       a = with_bias_moments(a, sums / rows)

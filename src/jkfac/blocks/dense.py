@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from jkfac import linalg
 from jkfac.blocks.base import Block, Captures, row_weights, with_bias_moments
+from jkfac.sharding import row_products
 
 Array = jax.Array
 
@@ -169,14 +170,14 @@ class DenseBlock(Block):
               jnp.sum(w.reshape(w.shape[0], -1), axis=1) for (x, _), w in zip(pairs, weights))
       g = sum(jnp.sum(g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]), axis=2)
               for _, g in pairs).reshape(-1, pairs[0][1].shape[-1])
-      a = (s / jnp.where(c > 0, c, 1.0)[:, None]).T @ x / x.shape[0]
-      mean, g_cov = jnp.mean(x, axis=0), g.T @ g
+      a = row_products(s / jnp.where(c > 0, c, 1.0)[:, None], x) / x.shape[0]
+      mean, g_cov = jnp.mean(x, axis=0), row_products(g, g)
     else:
       rows = sum(math.prod(x.shape[:-1]) for x, _ in pairs)
       flat = lambda x: x.reshape(-1, x.shape[-1])
-      a = sum(flat(w).T @ flat(x) for (x, _), w in zip(pairs, weighted)) / rows
+      a = sum(row_products(flat(w), flat(x)) for (x, _), w in zip(pairs, weighted)) / rows
       mean = sum(jnp.sum(flat(w), axis=0) for w in weighted) / rows
-      g_cov = sum(flat(g).T @ flat(g) for _, g in pairs)
+      g_cov = sum(row_products(flat(g), flat(g)) for _, g in pairs)
     if layer.option("bias"):
       a = with_bias_moments(a, mean)
     return {"A": a, "G": g_cov}

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jkfac import linalg
 from jkfac.blocks.base import Block, Captures, row_weights
+from jkfac.sharding import row_products
 
 Array = jax.Array
 
@@ -54,7 +55,7 @@ class EmbeddingBlock(Block):
                                   else weight.reshape(-1), mode="drop")
       rows += ids.shape[0]
       g_rows = g.astype(dtype).reshape(-1, features)
-      g_cov = g_cov + g_rows.T @ g_rows
+      g_cov = g_cov + row_products(g_rows, g_rows)
     return {"A": counts / rows, "G": g_cov}
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,

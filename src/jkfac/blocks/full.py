@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jkfac import linalg
 from jkfac.blocks.base import Block, Captures, flatten, unflatten
+from jkfac.sharding import row_products
 
 Array = jax.Array
 MAX_SIZE = 4096  # a 4096 x 4096 float32 factor is 64 MiB; use Kronecker blocks above
@@ -43,7 +44,7 @@ class FullBlock(Block):
       Shape `(P, P)`.
     """
     rows = jnp.concatenate([g.astype(dtype).reshape(g.shape[0], -1) for g in grads], axis=1)
-    return rows.T @ rows
+    return row_products(rows, rows)
 
   def statistics(self, layer, captures: Captures) -> dict[str, Array]:
     """Returns `{"full": Σ_n ∇θ_n ∇θ_n^T}` (a mean, by the scaling of the gradients).

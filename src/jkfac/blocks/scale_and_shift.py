@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jkfac.blocks import diagonal, full
 from jkfac.blocks.base import Block, Captures, flatten, unflatten
+from jkfac.sharding import row_products
 
 Array = jax.Array
 
@@ -61,7 +62,7 @@ class ScaleAndShiftBlock(Block):
     """
     grads = _per_example(layer, captures)
     if layer.option("full"):
-      return {"full": grads.T @ grads}
+      return {"full": row_products(grads, grads)}
     return {"diag": jnp.sum(jnp.square(grads), axis=0)}
 
   def inverse(self, layer, factors: dict[str, Array], damping: Array,

@@ -1,0 +1,71 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""Sums over the batch under `jax.set_mesh` with Explicit ("sharding in types") axes.
+
+Under a mesh whose axes are Explicit (`jax.make_mesh`'s default since JAX
+0.9), an array's sharding is part of its type, and JAX refuses a
+contraction over a sharded axis unless told how to shard its output. The
+statistics are such contractions: `x^T x` over the batch's rows. They are
+all summed into replicated factors (`out_sharding=P()`: each device
+contracts its own rows, then one all-reduce), as they would be with Auto
+axes; outside such a mesh nothing changes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+Array = jax.Array
+
+
+def replicated() -> Optional[P]:
+  """`P()` under a mesh with Explicit axes, else None (let JAX choose).
+
+  Returns:
+    The `out_sharding` for a sum over the batch.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+  return P() if explicit else None
+
+
+def row_products(a: Array, b: Array) -> Array:
+  """`a^T b`, summing over the rows (axis 0) of `a` and `b`, replicated.
+
+  Args:
+    a: shape `(rows, m)`.
+    b: shape `(rows, n)`.
+
+  Returns:
+    Shape `(m, n)`.
+  """
+  return jnp.matmul(a.T, b, out_sharding=replicated())
+
+
+def vdot(a: Array, b: Array) -> Array:
+  """`Σ a b` over every axis (`jnp.vdot` of real arrays), replicated.
+
+  Args:
+    a: an array.
+    b: an array of the same shape.
+
+  Returns:
+    A scalar.
+  """
+  return jnp.sum(a * b)
+
+
+def einsum(subscripts: str, *operands: Array) -> Array:
+  """`jnp.einsum`, its result replicated under a mesh with Explicit axes.
+
+  Args:
+    subscripts: the einsum's subscripts.
+    *operands: its operands.
+
+  Returns:
+    The einsum.
+  """
+  return jnp.einsum(subscripts, *operands, out_sharding=replicated())
