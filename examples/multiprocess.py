@@ -15,7 +15,9 @@ Every process feeds its own part of each global batch
 (`jax.make_array_from_process_local_data`); one `jax.jit` step over a mesh
 of all the processes' devices trains the model (jkfac needs no `axis_name`
 there: the statistics are the whole batch's), and `mesh=` spreads the
-inverse work over every device. Each process prints the largest difference
+inverse work over every device; `--axes explicit` makes the mesh's axes
+Explicit (sharding in types, `jax.make_mesh`'s default since JAX 0.9) and runs
+the step under `jax.set_mesh`. Each process prints the largest difference
 between its parameters and those of one device training on the whole batch
 (it recomputes them locally), which is round-off.
 """
@@ -23,6 +25,7 @@ between its parameters and those of one device training on the whole batch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -39,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--local-devices", type=int, default=4,
                       help="CPU devices per process (XLA_FLAGS)")
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--axes", choices=("auto", "explicit"), default="auto",
+                      help="the mesh's axis type: Auto (Mesh(...)) or Explicit "
+                           "(jax.make_mesh's default since JAX 0.9, under jax.set_mesh)")
   return parser.parse_args(argv)
 
 
@@ -47,7 +53,7 @@ def launch(args: argparse.Namespace) -> int:
   procs = [subprocess.Popen([sys.executable, __file__, "--process-id", str(i), "--processes",
                              str(args.launch), "--coordinator", args.coordinator,
                              "--local-devices", str(args.local_devices),
-                             "--steps", str(args.steps)])
+                             "--steps", str(args.steps), "--axes", args.axes])
            for i in range(args.launch)]
   return max(p.wait() for p in procs)
 
@@ -100,13 +106,18 @@ def train(args: argparse.Namespace) -> None:
       p, state = step(p, state, x, y)
     return p
 
-  mesh = Mesh(np.array(jax.devices()), ("data",))
+  if args.axes == "explicit":
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+  else:
+    mesh = Mesh(np.array(jax.devices()), ("data",))
   sharding = NamedSharding(mesh, PartitionSpec("data"))
   local = slice(args.process_id * examples // args.processes,
                 (args.process_id + 1) * examples // args.processes)
   global_x = jax.make_array_from_process_local_data(sharding, x[local], x.shape)
   global_y = jax.make_array_from_process_local_data(sharding, y[local], y.shape)
-  many = run(global_x, global_y, mesh)
+  with jax.set_mesh(mesh) if args.axes == "explicit" else contextlib.nullcontext():
+    many = run(global_x, global_y, mesh)
   many = jax.tree_util.tree_map(
       lambda a: np.asarray(jax.experimental.multihost_utils.process_allgather(a, tiled=True)),
       many)

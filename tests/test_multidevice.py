@@ -11,6 +11,7 @@ import pytest
 import brute_force as bf
 import jkfac
 from jkfac import distributed
+from jax.sharding import PartitionSpec as P
 
 KEY = jax.random.PRNGKey(0)
 SIZES = (6, 10, 8, 4)
@@ -195,8 +196,89 @@ def test_sharded_jit_equals_one_device_on_the_whole_batch(spread, axes):
   assert len(switches) == (1 if spread else 0)
 
 
-def test_two_processes_of_four_devices_equal_one_device():
-  """`examples/multiprocess.py`: jax.distributed over loopback, gloo CPU collectives."""
+def _sharded_params_equal_one_device(mesh, param_specs, loss_fn, batch_spec):
+  """Four steps (adaptive and fixed) on `mesh` with sharded parameters: the
+  one-device parameters, each parameter still sharded as it was given."""
+  from jax.sharding import NamedSharding
+  sizes = (16, 24, 8)
+  params = bf.mlp_params(KEY, sizes)
+  x, y = bf.classification_data(N, sizes[0], sizes[-1])
+  for make in (lambda est: jkfac.kfac(est, damping=1e-2, inverse_every=2),
+               lambda est: jkfac.kfac(est, learning_rate=0.1, momentum=0.9)):
+    est = jkfac.estimator(loss_fn, params, x, y, mode="exact")
+    tx = make(est)
+
+    @jax.jit
+    def step(params, state, x, y):
+      _, grads, stats = est(params, x, y)
+      updates, state = tx.update(grads, state, params, stats=stats)
+      return optax.apply_updates(params, updates), state
+
+    one, state = params, tx.init(params)
+    for _ in range(4):
+      one, state = step(one, state, x, y)
+    with _in_mesh(mesh):
+      place = lambda tree, specs: jax.tree.map(
+          lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec)), tree, specs)
+      many = place(params, param_specs)
+      xs, ys = place((x, y), (batch_spec, batch_spec))
+      state = tx.init(many)
+      for _ in range(4):
+        many, state = step(many, state, xs, ys)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-12),
+                 one, many)
+    jax.tree.map(lambda a, spec: _same_spec(a.sharding.spec, spec), many, param_specs)
+
+
+def _same_spec(got, expected):
+  pad = lambda spec, n: tuple(spec) + (None,) * (n - len(tuple(spec)))
+  n = max(len(tuple(got)), len(tuple(expected)))
+  assert pad(got, n) == pad(expected, n), (got, expected)
+
+
+def _gather(w):
+  """FSDP's gather of a weight before use: explicit under Explicit axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  explicit = jax.sharding.AxisType.Explicit in tuple(getattr(mesh, "axis_types", ()))
+  return jax.sharding.reshard(w, P()) if explicit else w
+
+
+@pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
+def test_fsdp_parameters_equal_one_device(axes):
+  """Every weight and bias sharded along its first axis over the 8 devices (FSDP),
+  gathered where the model uses it; the batch sharded too."""
+  def loss_fn(params, x, y):
+    gathered = jax.tree.map(_gather, params)
+    return bf.ce_loss(gathered, x, y)
+
+  specs = {"l0": {"w": P("data", None), "b": P("data")},
+           "l1": {"w": P("data", None), "b": P("data")}}
+  _sharded_params_equal_one_device(_mesh(axes), specs, loss_fn, P("data"))
+
+
+@pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
+def test_a_data_and_model_mesh_with_tensor_parallel_layers_equals_one_device(axes):
+  """A 4 x 2 ("data", "model") mesh: the batch over "data", the first dense layer
+  column-parallel and the second row-parallel over "model" (Megatron's pair)."""
+  kind = (jax.sharding.AxisType.Explicit if axes == "explicit"
+          else jax.sharding.AxisType.Auto)
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind))
+
+  def loss_fn(params, x, y):
+    h = jnp.tanh(x @ params["l0"]["w"] + params["l0"]["b"])  # hidden units over "model"
+    explicit = not jax.sharding.get_abstract_mesh().empty and axes == "explicit"
+    out = jnp.matmul(h, params["l1"]["w"], out_sharding=P("data", None) if explicit else None)
+    return jkfac.softmax_cross_entropy(out + params["l1"]["b"], y)
+
+  specs = {"l0": {"w": P(None, "model"), "b": P("model")},
+           "l1": {"w": P("model", None), "b": P()}}
+  _sharded_params_equal_one_device(mesh, specs, loss_fn, P("data"))
+
+
+@pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
+def test_two_processes_of_four_devices_equal_one_device(axes):
+  """`examples/multiprocess.py`: jax.distributed over loopback, gloo CPU collectives;
+  one mesh over both processes' 8 devices, with Auto or Explicit axes."""
   import os
   import pathlib
   import socket
@@ -208,7 +290,8 @@ def test_two_processes_of_four_devices_equal_one_device():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "multiprocess.py"
   proc = subprocess.run([sys.executable, str(script), "--launch", "2", "--local-devices", "4",
-                         "--coordinator", f"127.0.0.1:{port}"], env=env, capture_output=True,
+                         "--coordinator", f"127.0.0.1:{port}", "--axes", axes], env=env,
+                        capture_output=True,
                         text=True, timeout=600, check=False)
   lines = [l for l in proc.stdout.splitlines() if "largest difference" in l]
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jkfac import linalg
+from jkfac import linalg, sharding
 from jkfac.estimator import Estimator, Statistics
 
 Array = jax.Array
@@ -47,7 +47,7 @@ class QuadraticModelState(NamedTuple):
 
 
 def _dot(a: Any, b: Any, dtype) -> Array:
-  return sum(jnp.vdot(x.astype(dtype), y.astype(dtype))
+  return sum(sharding.vdot(x.astype(dtype), y.astype(dtype))
              for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 

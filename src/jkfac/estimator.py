@@ -203,7 +203,8 @@ class Estimator:
           gradient_moment=moments.get(layer.name),
           dtype=self.factor_dtype,
           weights=weights)
-      factors[layer.name] = blocks.for_layer(layer).statistics(layer, captures)
+      factors[layer.name] = jax.tree.map(  # whole on every device (Explicit axes)
+          sharding.gathered, blocks.for_layer(layer).statistics(layer, captures))
     for chain in self.chains:
       for i, j in zip(chain[:-1], chain[1:]):
         ids = [uses[i][0].id, uses[j][0].id]
@@ -414,7 +415,10 @@ class Estimator:
           "(members, batch, ...), say). Put the batch axis first in the predictions "
           "(jax.vmap(..., out_axes=1) for an ensemble), or give these parameters another "
           f"block: jkfac.estimator(..., overrides={{{layers[0].name!r}: 'none'}}).")
-    unit_args = _sliced(flat_args, axes, 1)
+    unit_args = [a if axis is None else  # shapes only: no slice of a sharded batch
+                 jax.ShapeDtypeStruct(jnp.shape(a)[:axis] + (1,) + jnp.shape(a)[axis + 1:],
+                                      jnp.result_type(a))
+                 for a, axis in zip(flat_args, axes)]
     unit = self._subset_program(flat_params, unit_args, args_tree,
                                 f"The {layers[0].kind} block of {layers[0].name!r}")
 
@@ -726,9 +730,15 @@ def _shape(x: Any) -> jax.ShapeDtypeStruct:
 
 
 def _signature(flat_params: Sequence[Any], flat_args: Sequence[Any], args_tree: Any) -> Any:
+  """What a traced program depends on: the shapes, dtypes and the mesh in context.
+
+  A model under `jax.set_mesh` may trace differently (FSDP's gathers, a
+  tensor-parallel product's `out_sharding`), so an estimator built outside
+  the mesh traces the loss again inside it.
+  """
   avals = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x)))
                 for x in list(flat_params) + list(flat_args))
-  return avals, args_tree
+  return avals, args_tree, sharding.context_mesh()
 
 
 def _check_nonempty(program: tracing.Program) -> None:

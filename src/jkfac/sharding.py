@@ -12,13 +12,22 @@ axes; outside such a mesh nothing changes.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
+
+
+def context_mesh() -> Any:
+  """The abstract mesh set by `jax.set_mesh` (hashable; empty outside one).
+
+  Returns:
+    `jax.sharding.get_abstract_mesh()`.
+  """
+  return jax.sharding.get_abstract_mesh()
 
 
 def replicated() -> Optional[P]:
@@ -30,6 +39,33 @@ def replicated() -> Optional[P]:
   mesh = jax.sharding.get_abstract_mesh()
   explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
   return P() if explicit else None
+
+
+def gathered(x: Array) -> Array:
+  """`x` replicated under a mesh with Explicit axes (else unchanged).
+
+  Args:
+    x: an array, possibly sharded (a gradient of FSDP parameters).
+
+  Returns:
+    `x`, whole on every device.
+  """
+  return x if replicated() is None else jax.sharding.reshard(x, P())
+
+
+def like(x: Array, reference: Array) -> Array:
+  """`x` sharded as `reference` under a mesh with Explicit axes (else unchanged).
+
+  Args:
+    x: an array of `reference`'s shape.
+    reference: an array whose sharding `x` takes.
+
+  Returns:
+    `x`, resharded.
+  """
+  if replicated() is None:
+    return x
+  return jax.sharding.reshard(x, jax.typeof(reference).sharding.spec)
 
 
 def row_products(a: Array, b: Array) -> Array:

@@ -38,7 +38,9 @@ from jkfac import blocks, interpret, losses, tags
 from jkfac import overrides as overrides_lib
 from jkfac.blocks import conv
 
-_PASS_THROUGH = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+# Identities on the values (a dtype kept, a copy, a placement: FSDP's gathered weights).
+_PASS_THROUGH = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
+                           "reshard", "sharding_constraint", "mesh_cast"})
 _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 from typing_extensions import TypeAliasType
 
-from jkfac import adaptive, blocks, distributed, linalg, tridiagonal, trust_region
+from jkfac import adaptive, blocks, distributed, linalg, sharding, tridiagonal, trust_region
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model, value_at
 from jkfac.estimator import Estimator, Statistics
 
@@ -273,23 +273,25 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     inverses, used_damping, last_refresh, failed_refreshes = jax.lax.cond(
         refresh, recompute, lambda _: (state.inverses, state.damping, state.last_refresh,
                                        state.failed_refreshes), None)
+    # Under Explicit axes, sharded gradients (FSDP) are gathered for the
+    # layer's products with its replicated inverses; updates sharded as they were.
     new_flat = list(flat_grads)
+    gathered = lambda layer: [sharding.gathered(flat_grads[p.index]) for p in layer.params]
     for layer in layers:
       if layer.name not in factors:
         continue
-      grads = [flat_grads[p.index] for p in layer.params]
-      preconditioned = block_of[layer.name].precondition(layer, inverses[layer.name], grads)
+      preconditioned = block_of[layer.name].precondition(layer, inverses[layer.name],
+                                                         gathered(layer))
       for p, g in zip(layer.params, preconditioned):
-        new_flat[p.index] = g
+        new_flat[p.index] = sharding.like(g, flat_grads[p.index])
     for chain in chain_layers:
       if chain[0].name not in factors:
         continue
-      grads = [[flat_grads[p.index] for p in layer.params] for layer in chain]
       preconditioned = tridiagonal.precondition_layers(
-          chain, [inverses[l.name] for l in chain], grads)
+          chain, [inverses[l.name] for l in chain], [gathered(layer) for layer in chain])
       for layer, layer_grads in zip(chain, preconditioned):
         for p, g in zip(layer.params, layer_grads):
-          new_flat[p.index] = g
+          new_flat[p.index] = sharding.like(g, flat_grads[p.index])
     new_updates = grads_view.rebuild(new_flat)
     new_state = ScaleByKFACState(
         count, factors, inverses, used_damping, state.skipped + (~finite).astype(jnp.int32),

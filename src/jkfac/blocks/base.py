@@ -9,6 +9,8 @@ from typing import Any, Optional, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 
+from jkfac import sharding
+
 Array = jax.Array
 
 
@@ -83,6 +85,9 @@ def with_bias_moments(second_moment: Array, mean: Array) -> Array:
   Returns:
     Shape `(..., d + 1, d + 1)`.
   """
+  # Under Explicit axes, a mean over the rows of a tensor-parallel layer's input is
+  # sharded over its features: the factor is kept whole.
+  second_moment, mean = sharding.gathered(second_moment), sharding.gathered(mean)
   column = mean[..., :, None]
   corner = jnp.ones(mean.shape[:-1] + (1, 1), mean.dtype)
   return jnp.concatenate([jnp.concatenate([second_moment, column], axis=-1),
