@@ -10,6 +10,7 @@ import pytest
 
 import brute_force as bf
 import jkfac
+from test_scan import _ONCE  # in the newest-JAX suite only (CI time)
 from jkfac import distributed
 from jax.sharding import PartitionSpec as P
 
@@ -119,6 +120,62 @@ def test_each_device_computes_an_eighth_of_the_inverses():
       est(p, x, y)[1], s, p, stats=est(p, x, y)[2]), axis_name="devices")(*args)
   for a, b in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+def _factorisation_cost(jaxpr, repeats=1):
+  """The cubic cost of the Cholesky factorisations in a jaxpr: n^3 per matrix,
+  times the matrices batched in each and the trip counts of enclosing scans."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cholesky":
+      shape = eqn.invars[0].aval.shape
+      total += repeats * int(np.prod(shape[:-2])) * shape[-1] ** 3
+    inner = repeats * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (list, tuple)) else [value]):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          total += _factorisation_cost(sub, inner)
+  return total
+
+
+@_ONCE
+def test_a_deep_stack_is_shared_out_below_layer_granularity():
+  """A 12-block scanned transformer on 8 devices: each stack's layers are split
+  among the devices, so that the largest device's share of the factorisations,
+  counted from the program, is near 1/8 (layer by layer, one device would hold
+  whole stacks); the updates equal those of inverses computed everywhere."""
+  import test_scan as ts
+  depth = 12
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (DEVICES, ts.SEQUENCE), 0, ts.VOCAB)
+  targets = jnp.roll(tokens, -1, axis=1)
+  model = ts.LM(width=16, depth=depth)
+  params = model.init(KEY, tokens[:1])["params"]
+  est = jkfac.estimator(ts._lm_loss(model), params, tokens[:1], targets[:1], mode="exact")
+  assert any(l.stack == (depth,) for l in est.layers)
+
+  def updates_of(tx):
+    def step(params, state, x, y):
+      _, grads, stats = est(params, x, y)
+      return tx.update(grads, state, params, stats=stats)[0]
+    args = (jax.tree.map(lambda a: jnp.stack([a] * DEVICES), params),
+            jax.tree.map(lambda a: jnp.stack([a] * DEVICES), tx.init(params)),
+            tokens[:, None], targets[:, None])
+    return jax.pmap(step, axis_name="devices"), args
+
+  spread, args = updates_of(jkfac.scale_by_kfac(est, damping=1e-2, axis_name="devices"))
+  jaxpr = jax.make_jaxpr(spread)(*args)
+  switches = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "cond"
+              and len(e.params["branches"]) == DEVICES]
+  assert len(switches) == 1
+  shares = [_factorisation_cost(b.jaxpr) for b in switches[0].params["branches"]]
+  total = _factorisation_cost(jaxpr.jaxpr)
+  assert sum(shares) == total  # all of it inside the switch
+  assert max(shares) <= 1.5 * total / DEVICES, [s / total for s in shares]
+  everywhere, _ = updates_of(jkfac.scale_by_kfac(est, damping=1e-2, axis_name="devices",
+                                                 spread_inverses=False))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
+               spread(*args), everywhere(*args))
 
 
 def _equations(jaxpr):

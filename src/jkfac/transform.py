@@ -10,6 +10,7 @@ momentum and the learning rate, like optax's aliases.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -215,20 +216,40 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
                             _zeros(inverse_shapes, traced), damping0, zero, zero, zero, zero)
 
   def _inverses(factors, lam, spread_over=None):
-    items = [([layer], lambda layer=layer: [block_of[layer.name].inverse(
-        layer, factors[layer.name], lam, inverse_method)])
-             for layer in layers if layer.name in factors]
-    items += [(chain, lambda chain=chain: tridiagonal.inverses(
+    # Work items: a layer, a chain, or, spread over D devices, a stack's layers
+    # in up to D contiguous pieces (so that one deep stack is shared out too).
+    devices = 1 if spread_over is None else distributed.axis_size(spread_over)
+    items = []  # (owners, piece of the stack or None, function)
+    for layer in layers:
+      if layer.name in factors:
+        for piece in _stack_pieces(layer.stack, devices):
+          items.append(([layer], piece, lambda layer=layer, piece=piece: [
+              _layer_inverse(layer, factors[layer.name], lam, piece)]))
+    items += [(chain, None, lambda chain=chain: tridiagonal.inverses(
         [factors[l.name] for l in chain], lam, inverse_method))
               for chain in chain_layers if chain[0].name in factors]
-    functions = [f for _, f in items]
+    functions = [f for _, _, f in items]
     if spread_over is not None:
-      costs = [distributed.cubic_cost([factors[l.name] for l in owners]) for owners, _ in items]
+      costs = [distributed.cubic_cost([_piece_of(factors[l.name], piece) for l in owners])
+               for owners, piece, _ in items]
       results = distributed.spread(functions, costs, spread_over)
     else:
       results = [f() for f in functions]
-    return {l.name: inv for (owners, _), result in zip(items, results)
-            for l, inv in zip(owners, result)}
+    pieces: dict[str, list[Any]] = {}
+    for (owners, _, _), result in zip(items, results):
+      for l, inv in zip(owners, result):
+        pieces.setdefault(l.name, []).append(inv)
+    return {name: parts[0] if len(parts) == 1 else
+            jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+            for name, parts in pieces.items()}
+
+  def _layer_inverse(layer, layer_factors, lam, piece):
+    """A layer's inverses, or those of the stack's layers `piece` = (start, stop)."""
+    if piece is None:
+      return block_of[layer.name].inverse(layer, layer_factors, lam, inverse_method)
+    part = dataclasses.replace(layer, stack=(piece[1] - piece[0],) + layer.stack[1:])
+    return blocks.for_layer(part).inverse(part, _piece_of(layer_factors, piece), lam,
+                                          inverse_method)
 
   def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, damping_now: Optional[Array] = None,
@@ -300,6 +321,20 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _stack_pieces(stack: tuple[int, ...], devices: int) -> list[Optional[tuple[int, int]]]:
+  """A stack's layers in up to `devices` contiguous pieces; `[None]` for no split."""
+  if not stack or devices == 1 or stack[0] == 1:
+    return [None]
+  count = min(stack[0], devices)
+  bounds = [round(i * stack[0] / count) for i in range(count + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _piece_of(tree: Any, piece: Optional[tuple[int, int]]) -> Any:
+  """The stack's layers `piece` of a stacked layer's factors (all of them for None)."""
+  return tree if piece is None else jax.tree.map(lambda x: x[piece[0]:piece[1]], tree)
 
 
 def _zeros(shapes: Any, traced: bool) -> Any:
