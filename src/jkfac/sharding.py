@@ -1,5 +1,5 @@
 # Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
-"""Sums over the batch under `jax.set_mesh` with Explicit ("sharding in types") axes.
+"""Placements under `jax.set_mesh` with Explicit ("sharding in types") axes.
 
 Under a mesh whose axes are Explicit (`jax.make_mesh`'s default since JAX
 0.9), an array's sharding is part of its type, and JAX refuses a
@@ -7,7 +7,10 @@ contraction over a sharded axis unless told how to shard its output. The
 statistics are such contractions: `x^T x` over the batch's rows. They are
 all summed into replicated factors (`out_sharding=P()`: each device
 contracts its own rows, then one all-reduce), as they would be with Auto
-axes; outside such a mesh nothing changes.
+axes. Gradients of sharded parameters (FSDP, tensor-parallel layers) are
+gathered for their products with the replicated inverses (`gathered`) and
+the updates placed as the parameters are (`like`). Outside such a mesh
+nothing changes.
 """
 
 from __future__ import annotations
