@@ -154,6 +154,31 @@ def test_masked_tokens_equal_dropped_tokens_under_jit(flatten):
                (grads, stats.factors), (grads_f, stats_f.factors))
 
 
+def test_masked_examples_of_a_convnet_equal_dropped_ones():
+  """KFC's patch moments weigh each example's patches by its weight."""
+  key = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(key[0], (B, 5, 5, 2), jnp.float64)
+  y = jax.random.randint(key[1], (B,), 0, C)
+  params = {"conv": jax.random.normal(key[2], (3, 3, 2, 4), jnp.float64) * 0.3,
+            "bias": jnp.zeros(4, jnp.float64)}
+
+  def logits(p, x):
+    h = jax.lax.conv_general_dilated(x, p["conv"], (2, 2), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"]
+    return jnp.mean(jnp.tanh(h), axis=(1, 2))[:, :C]
+
+  masked = jkfac.estimator(
+      lambda p, x, y, m: jkfac.softmax_cross_entropy(logits(p, x), y, mask=m), params, x, y,
+      MASK, mode="exact")
+  dropped = jkfac.estimator(lambda p, x, y: jkfac.softmax_cross_entropy(logits(p, x), y),
+                            params, x[KEEP], y[KEEP], mode="exact")
+  assert masked.layers[0].kind == "conv"
+  _, grads, stats = masked(params, x, y, MASK)
+  _, grads_d, stats_d = dropped(params, x[KEEP], y[KEEP])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-14),
+               (grads, stats.factors), (grads_d, stats_d.factors))
+
+
 def test_mask_errors():
   logits, labels = jnp.zeros((4, 3, 5)), jnp.zeros((4, 3), jnp.int32)
   with pytest.raises(ValueError, match=r"mask has shape \(3,\).*leading axes"):

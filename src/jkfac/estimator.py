@@ -652,8 +652,7 @@ def _term_weights(loss: tracing.Loss, mask: Optional[Array]) -> Optional[Array]:
   """
   if mask is None:
     return None
-  total = jnp.sum(mask)
-  return mask * (loss.num_examples / jnp.where(total > 0, total, 1))
+  return mask * (loss.num_examples / losses.mask_total(mask))
 
 
 def _over_outputs(weights: Array, ndim: int) -> Array:

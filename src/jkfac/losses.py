@@ -282,8 +282,23 @@ def _weighted_mean(nll: Array, mask: Optional[Array]) -> Array:
   """
   if mask is None:
     return jnp.mean(nll)
+  return jnp.sum(mask * nll) / mask_total(mask)
+
+
+def mask_total(mask: Array) -> Array:
+  """The divisor of a masked loss: `sum(mask)`, or 1 when every weight is 0.
+
+  The estimator scales the curvature's term weights by the same divisor, so
+  that the curvature is that of the loss as computed here.
+
+  Args:
+    mask: a masked loss's term weights.
+
+  Returns:
+    A scalar.
+  """
   total = jnp.sum(mask)
-  return jnp.sum(mask * nll) / jnp.where(total > 0, total, 1)
+  return jnp.where(total > 0, total, 1)
 
 
 def _summed_to_terms(per_element: Array, mask: Optional[Array]) -> Array:

@@ -39,7 +39,7 @@ def replicated() -> Optional[P]:
   Returns:
     The `out_sharding` for a sum over the batch.
   """
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh = context_mesh()
   explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
   return P() if explicit else None
 

@@ -154,14 +154,21 @@ def _patches(x: Array, spec: ConvSpec, kernel_shape: Sequence[int]) -> Array:
   return patches.reshape(-1, patches.shape[-1])
 
 
-def _patch_moments(x: Array, spec: ConvSpec, kernel_shape: Sequence[int]) -> tuple[Array, Array]:
-  """Sums over rows of `p p^T` per group, shape `(groups, d, d)`, and of `p`."""
+def _patch_moments(x: Array, spec: ConvSpec, kernel_shape: Sequence[int],
+                   weight: Optional[Array] = None) -> tuple[Array, Array]:
+  """Sums over rows of `p p^T` per group, shape `(groups, d, d)`, and of `p`.
+
+  With `weight` (one per example, a masked loss's), each example's rows are
+  weighted by it in both sums.
+  """
   groups = spec.groups
 
-  def moments(x_chunk):
+  def moments(x_chunk, w_chunk):
     p = _patches(x_chunk, spec, kernel_shape)
     p = p.reshape(p.shape[0], groups, -1)
-    return sharding.einsum("rgi,rgj->gij", p, p), jnp.sum(p, axis=0)
+    weighted = p if w_chunk is None else (  # rows are examples x locations
+        p * jnp.repeat(w_chunk, p.shape[0] // w_chunk.shape[0])[:, None, None])
+    return sharding.einsum("rgi,rgj->gij", weighted, p), jnp.sum(weighted, axis=0)
 
   batch_axis = spec.lhs_spec[0]
   n = x.shape[batch_axis]
@@ -169,13 +176,15 @@ def _patch_moments(x: Array, spec: ConvSpec, kernel_shape: Sequence[int]) -> tup
                  * math.prod(kernel_shape[a] for a in spec.kernel_spatial) * 4)  # its patches
   chunks = min(n, max(1, math.ceil(n * per_example / PATCH_BYTES)))
   if chunks == 1:
-    return moments(x)
+    return moments(x, weight)
   size = math.ceil(n / chunks)
   x = jnp.moveaxis(x, batch_axis, 0)
   x = jnp.pad(x, [(0, size * chunks - n)] + [(0, 0)] * (x.ndim - 1))  # zero examples add 0
   x = x.reshape((chunks, size) + x.shape[1:])
   x = jnp.moveaxis(x, 1, batch_axis + 1)
-  squares, sums = lax.map(moments, x)
+  if weight is not None:
+    weight = jnp.pad(weight, (0, size * chunks - n)).reshape(chunks, size)
+  squares, sums = lax.map(lambda chunk: moments(*chunk), (x, weight))
   return jnp.sum(squares, axis=0), jnp.sum(sums, axis=0)
 
 
@@ -215,17 +224,9 @@ class ConvBlock(Block):
     groups = spec.groups
     squares, sums, g_cov, rows = 0.0, 0.0, 0.0, 0
     for x, g in zip(captures.inputs, captures.output_grads):
-      x = x.astype(dtype)
       # With a masked loss, each example's patches weighted by its mean term weight.
       weight = row_weights(captures.weights, (x.shape[spec.lhs_spec[0]],), dtype)
-      if weight is None:
-        square, total = _patch_moments(x, spec, kernel_shape)
-      else:
-        per_example = lambda v: jnp.moveaxis(v, spec.lhs_spec[0], -1)
-        at_batch = lambda v: jnp.moveaxis(v, -1, spec.lhs_spec[0])
-        square, _ = _patch_moments(at_batch(per_example(x) * jnp.sqrt(weight)), spec,
-                                   kernel_shape)
-        _, total = _patch_moments(at_batch(per_example(x) * weight), spec, kernel_shape)
+      square, total = _patch_moments(x.astype(dtype), spec, kernel_shape, weight)
       squares, sums = squares + square, sums + total
       rows += math.prod(g.shape[1:]) // g.shape[1 + spec.out_spec[1]]
       g = jnp.moveaxis(g.astype(dtype), 1 + spec.out_spec[1], -1)
