@@ -187,7 +187,10 @@ def test_mask_errors():
     jkfac.softmax_cross_entropy(logits, labels, mask=jnp.ones((4, 3, 5)))
   with pytest.raises(ValueError, match="non-negative"):
     jkfac.squared_error(logits, logits, mask=-jnp.ones(4))
-  # A per-example mask broadcasts over positions; all masked gives 0, not NaN.
+  # A per-example mask broadcasts over positions, a scalar over everything; all
+  # masked gives 0, not NaN.
+  np.testing.assert_allclose(jkfac.squared_error(logits + 1, logits, mask=2.0),
+                             jkfac.squared_error(logits + 1, logits), rtol=1e-6)
   assert float(jkfac.softmax_cross_entropy(logits, labels, mask=jnp.zeros(4))) == 0.0
   np.testing.assert_allclose(jkfac.softmax_cross_entropy(logits, labels, mask=jnp.ones(4)),
                              np.log(5), rtol=1e-6)

@@ -300,6 +300,27 @@ def _gather(w):
   return jax.sharding.reshard(w, P()) if explicit else w
 
 
+def test_a_convolution_over_an_explicit_batch_gets_an_error_naming_auto_axes():
+  """JAX cannot differentiate a convolution's kernel over an Explicit batch-sharded
+  input (jax.grad fails alike); the estimator says what to do instead."""
+  from jax.sharding import NamedSharding
+  mesh = _mesh("explicit")
+  x = jax.random.normal(KEY, (DEVICES, 4, 4, 2), jnp.float64)
+  y = jnp.zeros(DEVICES, jnp.int32)
+  params = {"w": jax.random.normal(KEY, (3, 3, 2, 3), jnp.float64)}
+
+  def loss_fn(p, x, y):
+    h = jax.lax.conv_general_dilated(x, p["w"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jkfac.softmax_cross_entropy(jnp.mean(h, axis=(1, 2)), y)
+
+  est = jkfac.estimator(loss_fn, params, x, y)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    with pytest.raises(ValueError, match="AxisType.Auto"):
+      jax.jit(est)(params, xs, y, rng=KEY)
+
+
 @pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
 def test_fsdp_parameters_equal_one_device(axes):
   """Every weight and bias sharded along its first axis over the 8 devices (FSDP),

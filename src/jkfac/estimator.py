@@ -153,12 +153,25 @@ class Estimator:
     """
     params_view, flat_params = self.align(params, "est(params, ...)")
     self._check_call(flat_params, args, rng)
-    if _all_concrete_arrays((flat_params, args, rng)):
-      # Called outside jit: one compiled program rather than every operation
-      # dispatched on its own (tens of times faster on small models).
-      value, grads, stats = self._compiled(flat_params, *args, rng=rng)
-    else:
-      value, grads, stats = self._evaluate(flat_params, *args, rng=rng)
+    try:
+      if _all_concrete_arrays((flat_params, args, rng)):
+        # Called outside jit: one compiled program rather than every operation
+        # dispatched on its own (tens of times faster on small models).
+        value, grads, stats = self._compiled(flat_params, *args, rng=rng)
+      else:
+        value, grads, stats = self._evaluate(flat_params, *args, rng=rng)
+    except Exception as e:  # JAX's, under jax.set_mesh with Explicit axes
+      if type(e).__name__ != "ShardingTypeError":
+        raise
+      raise ValueError(
+          "est(params, ...): under a mesh with Explicit axes (jax.set_mesh), JAX could "
+          f"not place a result of the model or of its gradient: {e}\nWhere the model "
+          "contracts a sharded axis, give that product its out_sharding (or reshard an "
+          "operand); JAX cannot yet differentiate some operations over an Explicit "
+          "batch-sharded input (a convolution's kernel, and on JAX 0.8 a dense layer's: "
+          "jax.grad fails the same way), so use Auto axes there: "
+          "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))."
+      ) from e
     return value, params_view.rebuild(grads), stats
 
   def _evaluate(self, flat_params: list[Array], *args: Any, rng: Optional[Array] = None):

@@ -251,6 +251,7 @@ def _term_mask(name: str, mask: Optional[Array], prediction: Array,
   if mask is None:
     return None
   mask = jnp.asarray(mask)
+  mask = mask.reshape(1) if mask.ndim == 0 else mask  # one weight for every term
   limit = prediction.ndim - 1 if classes_last else prediction.ndim
   if not (1 <= mask.ndim <= limit) or any(
       m not in (1, p) for m, p in zip(mask.shape, prediction.shape)):
