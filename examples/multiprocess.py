@@ -17,7 +17,8 @@ of all the processes' devices trains the model (jkfac needs no `axis_name`
 there: the statistics are the whole batch's), and `mesh=` spreads the
 inverse work over every device; `--axes explicit` makes the mesh's axes
 Explicit (sharding in types, `jax.make_mesh`'s default since JAX 0.9) and runs
-the step under `jax.set_mesh`. Each process prints the largest difference
+the step under `jax.set_mesh`; `--shard-state` splits the optimizer's factors
+and inverses over all the processes' devices. Each process prints the largest difference
 between its parameters and those of one device training on the whole batch
 (it recomputes them locally), which is round-off.
 """
@@ -45,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--axes", choices=("auto", "explicit"), default="auto",
                       help="the mesh's axis type: Auto (Mesh(...)) or Explicit "
                            "(jax.make_mesh's default since JAX 0.9, under jax.set_mesh)")
+  parser.add_argument("--shard-state", action="store_true",
+                      help="split the optimizer's factors and inverses over all the "
+                           "devices (kfac(..., shard_state=True))")
   return parser.parse_args(argv)
 
 
@@ -53,7 +57,8 @@ def launch(args: argparse.Namespace) -> int:
   procs = [subprocess.Popen([sys.executable, __file__, "--process-id", str(i), "--processes",
                              str(args.launch), "--coordinator", args.coordinator,
                              "--local-devices", str(args.local_devices),
-                             "--steps", str(args.steps), "--axes", args.axes])
+                             "--steps", str(args.steps), "--axes", args.axes]
+                            + (["--shard-state"] if args.shard_state else []))
            for i in range(args.launch)]
   return max(p.wait() for p in procs)
 
@@ -93,7 +98,8 @@ def train(args: argparse.Namespace) -> None:
 
   def run(x, y, mesh):
     est = jkfac.estimator(loss_fn, params, x, y, mode="exact")
-    tx = jkfac.kfac(est, damping=1e-2, inverse_every=2, mesh=mesh)
+    tx = jkfac.kfac(est, damping=1e-2, inverse_every=2, mesh=mesh,
+                    shard_state=args.shard_state and mesh is not None)
 
     @jax.jit
     def step(p, state, x, y):

@@ -253,27 +253,39 @@ def test_sharded_jit_equals_one_device_on_the_whole_batch(spread, axes):
   assert len(switches) == (1 if spread else 0)
 
 
-def _sharded_params_equal_one_device(mesh, param_specs, loss_fn, batch_spec):
+def _sharded_params_equal_one_device(mesh, param_specs, loss_fn, batch_spec,
+                                     shard_state=False):
   """Four steps (adaptive and fixed) on `mesh` with sharded parameters: the
-  one-device parameters, each parameter still sharded as it was given."""
+  one-device parameters, each parameter still sharded as it was given. With
+  `shard_state`, the factors and inverses split over the mesh too: the
+  largest device's share of the state's bytes, over the replicated state's
+  (one per optimizer), and the diagnostics are the one-device ones."""
   from jax.sharding import NamedSharding
+  from jkfac import state_layout
   sizes = (16, 24, 8)
   params = bf.mlp_params(KEY, sizes)
   x, y = bf.classification_data(N, sizes[0], sizes[-1])
-  for make in (lambda est: jkfac.kfac(est, damping=1e-2, inverse_every=2),
-               lambda est: jkfac.kfac(est, learning_rate=0.1, momentum=0.9)):
+  shares = []
+  for make in (lambda est, **kw: jkfac.kfac(est, damping=1e-2, inverse_every=2, **kw),
+               lambda est, **kw: jkfac.kfac(est, learning_rate=0.1, momentum=0.9, **kw)):
     est = jkfac.estimator(loss_fn, params, x, y, mode="exact")
+
+    def stepper(tx):
+      @jax.jit
+      def step(params, state, x, y):
+        _, grads, stats = est(params, x, y)
+        updates, state = tx.update(grads, state, params, stats=stats)
+        return optax.apply_updates(params, updates), state
+      return step
+
     tx = make(est)
-
-    @jax.jit
-    def step(params, state, x, y):
-      _, grads, stats = est(params, x, y)
-      updates, state = tx.update(grads, state, params, stats=stats)
-      return optax.apply_updates(params, updates), state
-
-    one, state = params, tx.init(params)
+    step = stepper(tx)
+    one, one_state = params, tx.init(params)
     for _ in range(4):
-      one, state = step(one, state, x, y)
+      one, one_state = step(one, one_state, x, y)
+    if shard_state:
+      tx = make(est, mesh=mesh, shard_state=True)
+      step = stepper(tx)
     with _in_mesh(mesh):
       place = lambda tree, specs: jax.tree.map(
           lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec)), tree, specs)
@@ -282,9 +294,17 @@ def _sharded_params_equal_one_device(mesh, param_specs, loss_fn, batch_spec):
       state = tx.init(many)
       for _ in range(4):
         many, state = step(many, state, xs, ys)
+      figures = jkfac.diagnostics(est, state)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-12),
                  one, many)
     jax.tree.map(lambda a, spec: _same_spec(a.sharding.spec, spec), many, param_specs)
+    for name, expected in jkfac.diagnostics(est, one_state).layers.items():
+      for key, value in expected.items():  # (condition_A is near-singular's inf)
+        if key.startswith(("trace", "damped_condition", "pi")):
+          np.testing.assert_allclose(figures.layers[name][key], value, rtol=1e-6)
+    replicated = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(one_state))
+    shares.append(state_layout.bytes_per_device(state) / replicated)
+  return shares
 
 
 def _same_spec(got, expected):
@@ -324,14 +344,19 @@ def test_a_convolution_over_an_explicit_batch_gets_an_error_naming_auto_axes():
 @pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
 def test_fsdp_parameters_equal_one_device(axes):
   """Every weight and bias sharded along its first axis over the 8 devices (FSDP),
-  gathered where the model uses it; the batch sharded too."""
+  gathered where the model uses it; the batch sharded too; the optimizer state
+  split over the devices (`shard_state`), each holding at most 1.3/D of it."""
   def loss_fn(params, x, y):
     gathered = jax.tree.map(_gather, params)
     return bf.ce_loss(gathered, x, y)
 
   specs = {"l0": {"w": P("data", None), "b": P("data")},
            "l1": {"w": P("data", None), "b": P("data")}}
-  _sharded_params_equal_one_device(_mesh(axes), specs, loss_fn, P("data"))
+  shares = _sharded_params_equal_one_device(_mesh(axes), specs, loss_fn, P("data"),
+                                            shard_state=True)
+  # Measured: 1.18/D (adaptive) and 1.17/D (fixed); the padding of the 17 x 17
+  # and 25 x 25 input factors to 24 and 32 rows costs the 0.2.
+  assert max(shares) <= 1.3 / DEVICES, [s * DEVICES for s in shares]
 
 
 @pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
@@ -353,10 +378,14 @@ def test_a_data_and_model_mesh_with_tensor_parallel_layers_equals_one_device(axe
   _sharded_params_equal_one_device(mesh, specs, loss_fn, P("data"))
 
 
-@pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
+@pytest.mark.parametrize("axes", [
+    pytest.param("auto", marks=pytest.mark.skipif(
+        jax.__version_info__ >= (0, 9), reason="one configuration per JAX (CI time): "
+        "Explicit axes on JAX >= 0.9, Auto on 0.8")), _EXPLICIT])
 def test_two_processes_of_four_devices_equal_one_device(axes):
   """`examples/multiprocess.py`: jax.distributed over loopback, gloo CPU collectives;
-  one mesh over both processes' 8 devices, with Auto or Explicit axes."""
+  one mesh over both processes' 8 devices, with Auto or Explicit axes (and the
+  optimizer state split over all 8 devices)."""
   import os
   import pathlib
   import socket
@@ -368,41 +397,13 @@ def test_two_processes_of_four_devices_equal_one_device(axes):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "multiprocess.py"
   proc = subprocess.run([sys.executable, str(script), "--launch", "2", "--local-devices", "4",
-                         "--coordinator", f"127.0.0.1:{port}", "--axes", axes], env=env,
+                         "--coordinator", f"127.0.0.1:{port}", "--axes", axes]
+                        + (["--shard-state"] if axes == "explicit" else []), env=env,
                         capture_output=True,
                         text=True, timeout=600, check=False)
   lines = [l for l in proc.stdout.splitlines() if "largest difference" in l]
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert len(lines) == 2 and all("4 local devices, 8 in all" in l for l in lines), lines
-
-
-def test_a_sharded_state_gives_the_same_updates_with_an_eighth_of_the_memory():
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
-  sizes = (64, 128, 10)
-  params = bf.mlp_params(KEY, sizes)
-  x, y = bf.classification_data(N, sizes[0], sizes[-1])
-  est = jkfac.estimator(bf.ce_loss, params, x, y, mode="exact")
-  tx = jkfac.kfac(est, damping=1e-2, inverse_every=2, mesh=mesh)
-  shardings = distributed.state_sharding(jax.eval_shape(tx.init, params), mesh, min_size=1024)
-
-  def step(params, state):
-    _, grads, stats = est(params, x, y)
-    updates, state = tx.update(grads, state, params, stats=stats)
-    return optax.apply_updates(params, updates), state
-
-  sharded = jax.jit(step, out_shardings=(None, shardings))
-  replicated = jax.jit(step)
-  p1, s1 = params, jax.device_put(tx.init(params), shardings)
-  p2, s2 = params, tx.init(params)
-  for _ in range(4):
-    p1, s1 = sharded(p1, s1)
-    p2, s2 = replicated(p2, s2)
-  for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
-    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
-  a_factor = s1.preconditioner.factors["l0"]["A"]  # 65 x 65: not divisible, replicated
-  g_inverse = s1.preconditioner.inverses["l0"]["G_inv"]  # 128 x 128: split by rows
-  assert a_factor.sharding.shard_shape(a_factor.shape) == a_factor.shape
-  assert g_inverse.sharding.shard_shape(g_inverse.shape) == (128 // DEVICES, 128)
 
 
 @pytest.mark.parametrize("axes", ["auto", _EXPLICIT])

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jkfac import state_layout
 from jkfac.estimator import Estimator
 from jkfac.transform import KFACState, ScaleByKFACState
 from jkfac.trust_region import KLClipState
@@ -129,10 +130,17 @@ def diagnostics(est: Estimator, opt_state: Any, updates: Any = None,
     overall["update_norm"] = _norm([u for u in flat["updates"] if u is not None])
 
   layers = {}
+  factor_shapes = jax.eval_shape(est.zero_factors)
   for layer in est.layers:
     if layer.name not in state.factors:  # another transform's, in an optax partition
       continue
-    factors, inverse = state.factors[layer.name], state.inverses[layer.name]
+    # A state split over devices (shard_state) stores padded arrays: `F_inv`
+    # has `F`'s shape, π's padding (zeros) leaves its largest value.
+    shapes = factor_shapes[layer.name]
+    factors = state_layout.load(state.factors[layer.name], shapes)
+    inverse = {key: (state_layout.load(x, shapes[key[:-len("_inv")]])
+                     if key.endswith("_inv") and key[:-len("_inv")] in shapes else x)
+               for key, x in state.inverses[layer.name].items()}
     figures = {}
     if "pi" in inverse:  # factored Tikhonov: (A + π√λ I) ⊗ (G + √λ/π I)
       pi, root = jnp.max(inverse["pi"]), jnp.sqrt(state.damping)

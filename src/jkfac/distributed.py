@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from jkfac import state_layout
+
 Array = jax.Array
 
 
@@ -126,15 +128,16 @@ def spread(functions: Sequence[Callable[[], Any]], costs: Sequence[float],
 
 
 def state_sharding(state: Any, mesh: jax.sharding.Mesh, min_size: int = 2**16) -> Any:
-  """Shardings that split the optimizer state's large matrices over a mesh.
+  """Shardings that split the optimizer state's large arrays over a mesh.
 
-  For training under `jit` over `mesh`: every array of at least `min_size`
-  entries whose first axis divides among the mesh's devices is split along
-  that axis (each device holds a slice of every large factor and inverse,
-  1/D of the state's memory); the rest is replicated. Use it as
-  `jax.device_put(tx.init(params), shardings)` and as the state's
-  `in_shardings`/`out_shardings` of the jitted step; the updates are the
-  same as with a replicated state.
+  Every array of at least `min_size` entries is split over all the mesh's
+  devices along the axis `jkfac.state_layout.split_axis` picks, where that
+  axis divides among them; the rest is replicated. The state of
+  `kfac(..., mesh=mesh, shard_state=True)` is padded so that its factors and
+  inverses all divide, and comes placed this way (`min_size=1`); these
+  shardings are then its `out_shardings`, or orbax's restore targets. For a
+  state not padded, a dense layer's input factor (`in + 1` rows) rarely
+  divides and stays replicated. The updates are the same either way.
 
   Args:
     state: the optimizer state, or its shapes (`jax.eval_shape(tx.init, params)`).
@@ -144,15 +147,13 @@ def state_sharding(state: Any, mesh: jax.sharding.Mesh, min_size: int = 2**16) -
   Returns:
     A pytree of `jax.sharding.NamedSharding` with the structure of `state`.
   """
-  axes = tuple(mesh.axis_names)
   devices = mesh.devices.size
 
   def sharding(x: Any) -> jax.sharding.NamedSharding:
-    shape = jnp.shape(x)
-    if len(shape) >= 1 and math.prod(shape) >= min_size and shape[0] % devices == 0:
-      spec = jax.sharding.PartitionSpec(axes, *([None] * (len(shape) - 1)))
-    else:
-      spec = jax.sharding.PartitionSpec()
-    return jax.sharding.NamedSharding(mesh, spec)
+    shape = tuple(jnp.shape(x))
+    axis = state_layout.split_axis(shape, devices)
+    if axis is None or math.prod(shape) < min_size or shape[axis] % devices:
+      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.sharding.NamedSharding(mesh, state_layout.spec(shape, mesh))
 
-  return jax.tree_util.tree_map(sharding, state)
+  return jax.tree.map(sharding, state)

@@ -21,7 +21,8 @@ import optax
 from jax.sharding import PartitionSpec as P
 from typing_extensions import TypeAliasType
 
-from jkfac import adaptive, blocks, distributed, linalg, sharding, tridiagonal, trust_region
+from jkfac import (adaptive, blocks, distributed, linalg, sharding, state_layout, tridiagonal,
+                   trust_region)
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model, value_at
 from jkfac.estimator import Estimator, Statistics
 
@@ -124,7 +125,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
                   inverse_every: int = 20, inverse_warmup: int = 3,
                   inverse_method: str = "cholesky", structure: str = "block_diagonal",
                   axis_name: Optional[str] = None, spread_inverses: bool = True,
-                  mesh: Optional[jax.sharding.Mesh] = None
+                  mesh: Optional[jax.sharding.Mesh] = None, shard_state: bool = False
                   ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients with the Kronecker-factored Fisher inverse.
 
@@ -170,6 +171,12 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
       `axis_name` needed: the statistics are already those of the whole
       batch), the mesh whose devices share the inverse work, through a
       `shard_map` over all its axes at each refresh.
+    shard_state: with `mesh`, split the state's factors and inverses over
+      all the mesh's devices (each holds 1/D of them, padded to an even
+      split: `jkfac.state_layout`; ZeRO's optimizer-state sharding) instead
+      of every device holding them whole. Each update then gathers the
+      inverses to precondition, and each refresh the factors; the updates
+      are the same. For models whose factors crowd the devices' memory.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -178,6 +185,12 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
   _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method)
   if structure not in STRUCTURES:
     raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}.")
+  if shard_state and (mesh is None or axis_name is not None):
+    raise ValueError("shard_state=True splits the state over the devices of `mesh` under "
+                     "sharded jit: pass mesh=jax.make_mesh(...) (the mesh the step runs "
+                     "on), without axis_name (under pmap/shard_map the state is already "
+                     "per device).")
+  stored_on = mesh if shard_state else None
   chains = est.request_cross_moments() if structure == "block_tridiagonal" else ()
   chain_layers = [[est.layers[i] for i in chain] for chain in chains]
   in_chain = {layer.name for chain in chain_layers for layer in chain}
@@ -207,13 +220,19 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     params_view, leaves = est.align(params, where, partial=True)
     names = owned(params_view.present, where)
     traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
+    factor_shapes, inverse_shapes = logical_shapes(names)
+    damping0 = value_at(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
+    zero = jnp.zeros([], jnp.int32)
+    return ScaleByKFACState(zero, _zeros(factor_shapes, traced, stored_on),
+                            _zeros(inverse_shapes, traced, stored_on), damping0, zero, zero,
+                            zero, zero)
+
+  def logical_shapes(names: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The factors' and inverses' shapes of the layers `names`, unpadded."""
     factor_shapes = {name: shapes for name, shapes in jax.eval_shape(est.zero_factors).items()
                      if name in names}
-    damping0 = value_at(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
-    inverse_shapes = jax.eval_shape(lambda f: _inverses(f, damping0), factor_shapes)
-    zero = jnp.zeros([], jnp.int32)
-    return ScaleByKFACState(zero, _zeros(factor_shapes, traced),
-                            _zeros(inverse_shapes, traced), damping0, zero, zero, zero, zero)
+    lam = jax.ShapeDtypeStruct((), est.factor_dtype)
+    return factor_shapes, jax.eval_shape(_inverses, factor_shapes, lam)
 
   def _inverses(factors, lam, spread_over=None):
     # Work items: a layer, a chain, or, spread over D devices, a stack's layers
@@ -268,25 +287,29 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     finite = linalg.all_finite(batch)
     if axis_name is not None:  # every device skips the same batches
       finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
-    factors = jax.tree_util.tree_map(
+    factor_shapes, inverse_shapes = (logical_shapes(state.factors) if stored_on is not None
+                                     else (state.factors, state.inverses))
+    factors = state_layout.keep(jax.tree.map(
         lambda old, new: jnp.where(finite, epsilon * old + (1.0 - epsilon) * new, old),
-        state.factors, batch)
+        state.factors, state_layout.store(batch, stored_on)), factor_shapes, stored_on)
     lam = value_at(damping if damping_now is None else damping_now,
                    state.count).astype(est.factor_dtype)
     refresh = (state.count % inverse_every == 0) | (state.count < inverse_warmup) | refresh_now
 
     def recompute(_):
+      whole = state_layout.load(factors, factor_shapes)
       if axis_name is not None:
-        fresh = _inverses(jax.lax.pmean(factors, axis_name), lam,
+        fresh = _inverses(jax.lax.pmean(whole, axis_name), lam,
                           axis_name if spread_inverses else None)
       elif mesh is not None and spread_inverses:
         axes = tuple(mesh.axis_names)
         fresh = jax.shard_map(lambda f, l: _inverses(f, l, axes), mesh=mesh,
                               in_specs=(P(), P()), out_specs=P(),
-                              check_vma=False)(factors, lam)
+                              check_vma=False)(whole, lam)
       else:
-        fresh = _inverses(factors, lam)
+        fresh = _inverses(whole, lam)
       ok = linalg.all_finite(fresh)
+      fresh = state_layout.store(fresh, stored_on)
       return jax.lax.cond(ok, lambda: (fresh, lam, count, state.failed_refreshes),
                           lambda: (state.inverses, state.damping, state.last_refresh,
                                    state.failed_refreshes + 1))
@@ -294,6 +317,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     inverses, used_damping, last_refresh, failed_refreshes = jax.lax.cond(
         refresh, recompute, lambda _: (state.inverses, state.damping, state.last_refresh,
                                        state.failed_refreshes), None)
+    inverses = state_layout.keep(inverses, inverse_shapes, stored_on)
+    whole_inverses = state_layout.load(inverses, inverse_shapes)
     # Under Explicit axes, sharded gradients (FSDP) are gathered for the
     # layer's products with its replicated inverses; updates sharded as they were.
     new_flat = list(flat_grads)
@@ -301,7 +326,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     for layer in layers:
       if layer.name not in factors:
         continue
-      preconditioned = block_of[layer.name].precondition(layer, inverses[layer.name],
+      preconditioned = block_of[layer.name].precondition(layer, whole_inverses[layer.name],
                                                          gathered(layer))
       for p, g in zip(layer.params, preconditioned):
         new_flat[p.index] = sharding.like(g, flat_grads[p.index])
@@ -309,7 +334,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
       if chain[0].name not in factors:
         continue
       preconditioned = tridiagonal.precondition_layers(
-          chain, [inverses[l.name] for l in chain], [gathered(layer) for layer in chain])
+          chain, [whole_inverses[l.name] for l in chain],
+          [gathered(layer) for layer in chain])
       for layer, layer_grads in zip(chain, preconditioned):
         for p, g in zip(layer.params, layer_grads):
           new_flat[p.index] = sharding.like(g, flat_grads[p.index])
@@ -320,7 +346,28 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
         failed_refreshes, last_refresh)
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _compiled_when_eager(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+
+
+def _compiled_when_eager(tx: optax.GradientTransformationExtraArgs
+                         ) -> optax.GradientTransformationExtraArgs:
+  """`tx`, its update run as one compiled program when called outside `jit`.
+
+  Called eagerly (concrete arrays, as in a notebook's loop or nnx's eager
+  `optimizer.update`), the update would otherwise dispatch and compile each
+  of its hundreds of operations on its own; inside `jit`, or with an extra
+  argument that is not an array (a callable), it runs as written.
+  """
+  compiled = jax.jit(tx.update)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    leaves = jax.tree.leaves((updates, state, params, extra_args))
+    if all(isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+           for x in leaves):
+      return compiled(updates, state, params, **extra_args)
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def _stack_pieces(stack: tuple[int, ...], devices: int) -> list[Optional[tuple[int, int]]]:
@@ -337,10 +384,14 @@ def _piece_of(tree: Any, piece: Optional[tuple[int, int]]) -> Any:
   return tree if piece is None else jax.tree.map(lambda x: x[piece[0]:piece[1]], tree)
 
 
-def _zeros(shapes: Any, traced: bool) -> Any:
-  """Zero arrays; made on the host outside `jit` (no kernel compiled per shape)."""
-  make = jnp.zeros if traced else lambda shape, dtype: jax.device_put(np.zeros(shape, dtype))
-  return jax.tree_util.tree_map(lambda s: make(s.shape, s.dtype), shapes)
+def _zeros(shapes: Any, traced: bool, mesh: Optional[jax.sharding.Mesh]) -> Any:
+  """Zero arrays as the state stores them (split over `mesh` if given); made on
+  the host outside `jit` (no kernel compiled per shape)."""
+  if traced:
+    return state_layout.store(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), mesh)
+  if mesh is not None:
+    return state_layout.zeros(shapes, mesh)
+  return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
 
 
 def _check_stats(stats: Any, est: Estimator, factors: dict[str, Any]) -> dict[str, Any]:
@@ -416,7 +467,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
          inverse_every: int = 20, inverse_warmup: int = 3,
          inverse_method: str = "cholesky", structure: str = "block_diagonal",
          axis_name: Optional[str] = None, spread_inverses: bool = True,
-         mesh: Optional[jax.sharding.Mesh] = None,
+         mesh: Optional[jax.sharding.Mesh] = None, shard_state: bool = False,
          skip_non_finite: bool = True) -> optax.GradientTransformationExtraArgs:
   """K-FAC: the preconditioner, then momentum and the learning rate.
 
@@ -510,6 +561,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       devices (see `scale_by_kfac`).
     mesh: under sharded `jit`, the mesh whose devices share the inverse work
       (see `scale_by_kfac`).
+    shard_state: with `mesh`, split the factors and inverses over its
+      devices (see `scale_by_kfac`).
     skip_non_finite: with a fixed learning rate and momentum, a step whose
       gradient or update is not finite is replaced by a zero step and the
       momentum is kept as it was (the state keeps the chain's structure; the
@@ -565,7 +618,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
                                  inverse_every=inverse_every, inverse_warmup=inverse_warmup,
                                  inverse_method=inverse_method, structure=structure,
                                  axis_name=axis_name, spread_inverses=spread_inverses,
-                                 mesh=mesh)
+                                 mesh=mesh, shard_state=shard_state)
   clip = (trust_region.scale_by_kl_clip(kl_clip, learning_rate,
                                         0.0 if momentum is None else momentum,
                                         trust_region.predicted_variables(est.losses))
@@ -579,7 +632,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
         optax.scale_by_learning_rate(learning_rate))
     if clip is not None:  # the trust region reads the gradient Δ came from
       fixed = _passing_grads(fixed)
-    return _zero_step_if_not_finite(fixed) if skip_non_finite else fixed
+    return _compiled_when_eager(_zero_step_if_not_finite(fixed) if skip_non_finite else fixed)
   adapting = adapt_damping and not callable(damping)
   model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum, axis_name)
   omega2 = math.sqrt(19.0 / 20.0) ** (gamma_interval or 1)
@@ -671,7 +724,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
         gamma, state.rejected_steps + rejected.astype(jnp.int32), streak,
         jnp.where(rejected, count + 1 + damping_interval, state.measure_until))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _compiled_when_eager(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 _MAX_DAMPING = 1e8
