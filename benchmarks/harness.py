@@ -36,10 +36,8 @@ LOCAL_RESULTS = RESULTS / "local"
 
 
 #: What `--data-dir` does when it is not given (benchmarks/datasets.py's `find_data_dir`).
-DATA_DIR_DEFAULT = ("default: $JKFAC_DATA_DIR, then ../shared/data beside the repository, "
-                    "then ../shared/data beside the current folder, then the download cache "
-                    "~/.cache/jkfac; only if none holds the files are they downloaded into "
-                    "the cache; see benchmarks/datasets.py")
+DATA_DIR_DEFAULT = ("default: $JKFAC_DATA_DIR, then ../shared/data beside the repository; "
+                    "see benchmarks/datasets.py")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

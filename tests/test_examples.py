@@ -6,7 +6,7 @@ JUPYTER_PATH, so that no "python3" kernel spec of another environment is
 picked up). Most notebooks train on MNIST, `convnet.ipynb` on CIFAR-10 and
 `custom_tags.ipynb` on data it makes up (`DATASETS`): a notebook's test is
 skipped only if its dataset's files cannot be found locally (nothing is
-downloaded here); the folder found is passed to the kernel through
+downloaded); the folder found is passed to the kernel through
 JKFAC_DATA_DIR. The kernel inherits the environment (XLA_FLAGS included: the
 multi-device notebook uses conftest.py's eight CPU devices) but not this
 process's JAX configuration, so the notebooks run in float32 as they would for
@@ -50,7 +50,7 @@ def _data_dir(dataset: str) -> pathlib.Path | None:
     sys.modules[name] = module
     spec.loader.exec_module(module)
   try:
-    return module.find_data_dir(dataset, download=False)
+    return module.find_data_dir(dataset)
   except FileNotFoundError:
     return None
 

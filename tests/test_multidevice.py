@@ -254,8 +254,8 @@ def test_sharded_jit_equals_one_device_on_the_whole_batch(spread, axes):
 
 
 def _sharded_params_equal_one_device(mesh, param_specs, loss_fn, batch_spec,
-                                     shard_state=False):
-  """Four steps (adaptive and fixed) on `mesh` with sharded parameters: the
+                                     shard_state=False, fixed=True):
+  """Four steps (adaptive, and fixed) on `mesh` with sharded parameters: the
   one-device parameters, each parameter still sharded as it was given. With
   `shard_state`, the factors and inverses split over the mesh too: the
   largest device's share of the state's bytes, over the replicated state's
@@ -266,8 +266,9 @@ def _sharded_params_equal_one_device(mesh, param_specs, loss_fn, batch_spec,
   params = bf.mlp_params(KEY, sizes)
   x, y = bf.classification_data(N, sizes[0], sizes[-1])
   shares = []
-  for make in (lambda est, **kw: jkfac.kfac(est, damping=1e-2, inverse_every=2, **kw),
-               lambda est, **kw: jkfac.kfac(est, learning_rate=0.1, momentum=0.9, **kw)):
+  makers = [lambda est, **kw: jkfac.kfac(est, damping=1e-2, inverse_every=2, **kw),
+            lambda est, **kw: jkfac.kfac(est, learning_rate=0.1, momentum=0.9, **kw)]
+  for make in makers[:2 if fixed else 1]:
     est = jkfac.estimator(loss_fn, params, x, y, mode="exact")
 
     def stepper(tx):
@@ -375,7 +376,7 @@ def test_a_data_and_model_mesh_with_tensor_parallel_layers_equals_one_device(axe
 
   specs = {"l0": {"w": P(None, "model"), "b": P("model")},
            "l1": {"w": P("model", None), "b": P()}}
-  _sharded_params_equal_one_device(mesh, specs, loss_fn, P("data"))
+  _sharded_params_equal_one_device(mesh, specs, loss_fn, P("data"), fixed=False)
 
 
 @pytest.mark.parametrize("axes", [

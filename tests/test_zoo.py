@@ -79,7 +79,7 @@ def _datasets():
 @functools.cache
 def _batches(dataset: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
   """`(x, y)` of shapes `(STEPS, BATCH, ...)` and `(STEPS, BATCH)`, or None
-  if the dataset's files are not found (no download).
+  if the dataset's files are not found.
 
   MNIST: the first STEPS * BATCH training digits, a new batch each step.
   CIFAR-10: the first 128 training images, averaged down to 8x8 pixels and
@@ -87,13 +87,15 @@ def _batches(dataset: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
   (a fixed draw), so that the small ResNet can fit them in STEPS steps.
   """
   ds = _datasets()
-  if ds.find_data_dir(dataset, download=False) is None:
+  try:
+    ds.find_data_dir(dataset)
+  except FileNotFoundError:
     return None
   if dataset == "mnist":
-    x, y = ds.load_mnist("train", download=False, flatten=False)   # (n, 28, 28, 1) in [0, 1]
+    x, y = ds.load_mnist("train", flatten=False)   # (n, 28, 28, 1) in [0, 1]
     index = np.arange(STEPS * BATCH).reshape(STEPS, BATCH)
   else:
-    x, y = ds.load_cifar10("train", download=False)                # (n, 32, 32, 3) in [0, 1]
+    x, y = ds.load_cifar10("train")              # (n, 32, 32, 3) in [0, 1]
     x = x[:128].reshape(128, 8, 4, 8, 4, 3).mean(axis=(2, 4))
     x = (x - x.mean(axis=(0, 1, 2))) / x.std(axis=(0, 1, 2))
     rng = np.random.default_rng(0)

@@ -47,8 +47,10 @@ class QuadraticModelState(NamedTuple):
 
 
 def _dot(a: Any, b: Any, dtype) -> Array:
+  # Not optax.tree_utils.tree_vdot: jnp.vdot contracts a sharded axis, which
+  # JAX refuses under Explicit axes without an out_sharding.
   return sum(sharding.vdot(x.astype(dtype), y.astype(dtype))
-             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 MAX_MOMENTUM = 2.0
@@ -137,7 +139,7 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
   def init_fn(params: Any) -> QuadraticModelState:
     zero = jnp.zeros([], est.factor_dtype)
     _, leaves = est.align(params, "scale_by_quadratic_model.init(params)", partial=True)
-    previous = tuple(jnp.zeros_like(leaf) for leaf in leaves if leaf is not None)
+    previous = optax.tree_utils.tree_zeros_like(tuple(x for x in leaves if x is not None))
     return QuadraticModelState(previous, zero, zero, zero, zero)
 
   def update_fn(updates: Any, state: QuadraticModelState, params: Any = None, *,

@@ -28,6 +28,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Array = jax.Array
 
@@ -84,18 +85,18 @@ def polyak_average(decay: float = 0.99) -> PolyakAveraging:
         "to keep only the latest parameters.")
 
   def init_fn(params: Any) -> PolyakState:
-    average = jax.tree_util.tree_map(lambda p: jnp.asarray(p, _average_dtype(p)), params)
+    average = jax.tree.map(lambda p: jnp.asarray(p, _average_dtype(p)), params)
     return PolyakState(jnp.zeros([], jnp.int32), average)
 
   def update_fn(state: PolyakState, params: Any) -> PolyakState:
-    count = state.count + 1
+    count = optax.safe_int32_increment(state.count)
 
     def mix(average: Array, param: Any) -> Array:
       dtype = average.dtype
       xi = jnp.maximum(1 / count.astype(dtype), jnp.asarray(1 - decay, dtype))
       return (1 - xi) * average + xi * jnp.asarray(param, dtype)
 
-    return PolyakState(count, jax.tree_util.tree_map(mix, state.average, params))
+    return PolyakState(count, jax.tree.map(mix, state.average, params))
 
   return PolyakAveraging(init_fn, update_fn)
 
@@ -111,5 +112,5 @@ def averaged_params(state: PolyakState, like_params: Any) -> Any:
   Returns:
     `θ̄_k` with each leaf in the dtype of the matching leaf of `like_params`.
   """
-  return jax.tree_util.tree_map(lambda a, p: a.astype(jnp.asarray(p).dtype),
+  return jax.tree.map(lambda a, p: a.astype(jnp.asarray(p).dtype),
                                 state.average, like_params)

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jkfac import state_layout
 from jkfac.estimator import Estimator
@@ -57,7 +58,7 @@ class Diagnostics(NamedTuple):
 
 
 def _find(tree: Any, kind: type) -> list[Any]:
-  return [x for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, kind))
+  return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind))
           if isinstance(x, kind)]
 
 
@@ -87,7 +88,7 @@ def _trace(key: str, factor: Array) -> Array:
 
 
 def _norm(arrays: list[Array]) -> Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in arrays))
+  return optax.tree_utils.tree_norm(optax.tree_utils.tree_cast(arrays, jnp.float32))
 
 
 def diagnostics(est: Estimator, opt_state: Any, updates: Any = None,

@@ -72,7 +72,7 @@ def cubic_cost(tree: Any) -> float:
     `n³` times the number of such matrices in the leaf; other leaves cost 0.
   """
   return float(sum(math.prod(x.shape[:-2]) * x.shape[-1] ** 3
-                   for x in jax.tree_util.tree_leaves(tree)
+                   for x in jax.tree.leaves(tree)
                    if x.ndim >= 2 and x.shape[-1] == x.shape[-2]))
 
 
@@ -96,18 +96,18 @@ def spread(functions: Sequence[Callable[[], Any]], costs: Sequence[float],
   if devices == 1 or len(functions) <= 1:
     return [f() for f in functions]
   shapes = [jax.eval_shape(f) for f in functions]
-  dtypes = {leaf.dtype for s in shapes for leaf in jax.tree_util.tree_leaves(s)}
+  dtypes = {leaf.dtype for s in shapes for leaf in jax.tree.leaves(s)}
   if len(dtypes) != 1:
     raise ValueError(f"spread: the results must share one dtype, got "
                      f"{sorted(map(str, dtypes))}. Cast every function's results to one "
                      "dtype (e.g. .astype(jnp.float32)) before spreading them.")
   dtype = dtypes.pop()
-  sizes = [sum(leaf.size for leaf in jax.tree_util.tree_leaves(s)) for s in shapes]
+  sizes = [sum(leaf.size for leaf in jax.tree.leaves(s)) for s in shapes]
   shares = balanced_shares(costs, devices)
   width = max(1, max(sum(sizes[i] for i in share) for share in shares))
 
   def compute(share: list[int]) -> Array:
-    leaves = [x.reshape(-1) for i in share for x in jax.tree_util.tree_leaves(functions[i]())]
+    leaves = [x.reshape(-1) for i in share for x in jax.tree.leaves(functions[i]())]
     flat = jnp.concatenate(leaves) if leaves else jnp.zeros([0], dtype)
     return jnp.pad(flat, (0, width - flat.shape[0]))
 
@@ -118,12 +118,12 @@ def spread(functions: Sequence[Callable[[], Any]], costs: Sequence[float],
   for device, share in enumerate(shares):
     offset = 0
     for i in share:
-      leaves, tree = jax.tree_util.tree_flatten(shapes[i])
+      leaves, tree = jax.tree.flatten(shapes[i])
       values = []
       for leaf in leaves:
         values.append(everyone[device, offset:offset + leaf.size].reshape(leaf.shape))
         offset += leaf.size
-      results[i] = jax.tree_util.tree_unflatten(tree, values)
+      results[i] = jax.tree.unflatten(tree, values)
   return results
 
 

@@ -58,21 +58,34 @@ class Statistics:
       `loss_at`.
   """
 
+  factors: dict[str, dict[str, Array]]
+  estimator_id: int
+  extras: dict[str, Any]
+
   def __init__(self, factors: dict[str, dict[str, Array]], estimator_id: int,
                extras: Optional[dict[str, Any]] = None):
+    """Holds the statistics.
+
+    Args:
+      factors: as the attribute.
+      estimator_id: as the attribute.
+      extras: as the attribute (None for none).
+    """
     self.factors = factors
     self.estimator_id = estimator_id
     self.extras = {} if extras is None else extras
 
-  def tree_flatten(self):
+  def tree_flatten(self) -> tuple[tuple[Any, Any], int]:
+    """The pytree protocol: the factors and extras are children, the id static."""
     return (self.factors, self.extras), self.estimator_id
 
   @classmethod
-  def tree_unflatten(cls, estimator_id, children):
+  def tree_unflatten(cls, estimator_id: int, children: tuple[Any, Any]) -> Statistics:
+    """The pytree protocol's inverse of `tree_flatten`."""
     return cls(children[0], estimator_id, children[1])
 
   def __repr__(self) -> str:
-    shapes = jax.tree_util.tree_map(lambda x: tuple(x.shape), self.factors)
+    shapes = jax.tree.map(lambda x: tuple(x.shape), self.factors)
     return f"Statistics(estimator={self.estimator_id}, factors={shapes})"
 
 
@@ -119,7 +132,7 @@ class Estimator:
     self.batch_axes = _check_batch_axes(batch_axes, args)
     self.id = next(_ids)
     trees.check_leaves(params, "jkfac.estimator(loss_fn, params, ...)")
-    leaves, self.params_tree = jax.tree_util.tree_flatten(params)
+    leaves, self.params_tree = jax.tree.flatten(params)
     self.canonical_tree = jax.tree.structure(trees.unwrap(params))
     self._param_shapes = [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves]
     inexact = [d for _, d in self._param_shapes if jnp.issubdtype(d, jnp.inexact)]
@@ -128,7 +141,7 @@ class Estimator:
     program = tracing.trace(loss_fn, params, args, has_aux, overrides=self.overrides,
                             weight_sharing=weight_sharing)
     _check_nonempty(program)
-    flat_args, args_tree = jax.tree_util.tree_flatten(tuple(args))
+    flat_args, args_tree = jax.tree.flatten(tuple(args))
     self._programs[_signature(leaves, flat_args, args_tree)] = program
     self.layers = program.layers
     self.uses = program.uses
@@ -176,7 +189,7 @@ class Estimator:
 
   def _evaluate(self, flat_params: list[Array], *args: Any, rng: Optional[Array] = None):
     """`__call__` after its checks, traceable; the gradient comes back flat."""
-    flat_args, args_tree = jax.tree_util.tree_flatten(tuple(args))
+    flat_args, args_tree = jax.tree.flatten(tuple(args))
     program = self._program(flat_params, flat_args, args_tree)
     (loss, aux), grads, inputs, preds, targets, backward = self._forward(
         program, flat_params, flat_args, with_grads=True)
@@ -272,7 +285,7 @@ class Estimator:
     _, given = self.align(params, "the loss at new parameters", partial=True)
     new_params = [p if g is None else g for g, p in zip(given, flat_params)]
     result = interpret.run(program.plan, new_params + list(flat_args), {})
-    out = jax.tree_util.tree_unflatten(program.out_tree, result.outputs)
+    out = jax.tree.unflatten(program.out_tree, result.outputs)
     return out[0] if self.has_aux else out
 
   def _forward(self, program: tracing.Program, flat_params: list[Array],
@@ -283,7 +296,7 @@ class Estimator:
 
     def forward(p, perts):
       result = interpret.run(program.plan, list(p) + list(flat_args), perts)
-      out = jax.tree_util.tree_unflatten(program.out_tree, result.outputs)
+      out = jax.tree.unflatten(program.out_tree, result.outputs)
       loss, aux = out if self.has_aux else (out, None)
       preds = [result.predictions[l.id][0] for l in program.losses]
       targets = [result.predictions[l.id][1:] for l in program.losses]  # with masks
@@ -303,7 +316,7 @@ class Estimator:
 
     def backward(cotangents: list[Array]) -> dict[int, Array]:
       if cotangents[0].shape[0] == 1:
-        return jax.tree_util.tree_map(lambda g: g[None], pullback([c[0] for c in cotangents]))
+        return jax.tree.map(lambda g: g[None], pullback([c[0] for c in cotangents]))
       return jax.vmap(pullback)(cotangents)
 
     return (loss, aux), grads, inputs, preds, targets, backward
@@ -541,8 +554,8 @@ class Estimator:
     """The traced program for these argument shapes (traced on first use)."""
     key = _signature(flat_params, flat_args, args_tree)
     if key not in self._programs:
-      params = jax.tree_util.tree_unflatten(self.params_tree, [_shape(x) for x in flat_params])
-      args = jax.tree_util.tree_unflatten(args_tree, [_shape(x) for x in flat_args])
+      params = jax.tree.unflatten(self.params_tree, [_shape(x) for x in flat_params])
+      args = jax.tree.unflatten(args_tree, [_shape(x) for x in flat_args])
       self._programs[key] = tracing.trace(self.loss_fn, params, args, self.has_aux,
                                           reference=self.layers, overrides=self.overrides,
                                           weight_sharing=self.weight_sharing)
@@ -579,7 +592,7 @@ class Estimator:
     """
     if self.batch_axes is None:
       return [0 if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n else None for a in flat_args]
-    args = jax.tree_util.tree_unflatten(args_tree, flat_args)
+    args = jax.tree.unflatten(args_tree, flat_args)
     axes = _broadcast_axes(self.batch_axes, args)
     for a, axis in zip(flat_args, axes):
       if axis is not None and not (-jnp.ndim(a) <= axis < jnp.ndim(a)
@@ -734,7 +747,7 @@ def _sliced(flat_args: list[Array], axes: Sequence[Optional[int]], size: int) ->
 def _all_concrete_arrays(tree: Any) -> bool:
   """Whether every leaf is a concrete array (no tracer, no Python value to keep static)."""
   return all(isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
-             for x in jax.tree_util.tree_leaves(tree))
+             for x in jax.tree.leaves(tree))
 
 
 def _shape(x: Any) -> jax.ShapeDtypeStruct:

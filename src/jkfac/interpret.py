@@ -220,10 +220,13 @@ def _bind_params(eqn) -> tuple[list[Any], dict[str, Any]]:
 
 
 def used_ids(plan: Plan) -> set[int]:
-  """Returns every use id perturbed in `plan` or its nested plans.
+  """Every use id perturbed in a plan or its nested plans.
 
   Args:
     plan: the plan.
+
+  Returns:
+    The ids.
   """
   ids = set(plan.perturb.values())
   for _, inner in plan.nested.values():

@@ -15,6 +15,8 @@ is not finite (`all_finite`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -23,7 +25,7 @@ Array = jax.Array
 METHODS = ("cholesky", "eigh")
 
 
-def all_finite(tree) -> Array:
+def all_finite(tree: Any) -> Array:
   """True when every entry of every leaf of `tree` is finite.
 
   One sum per leaf: a sum is finite only if all its terms are (a sum that
@@ -35,7 +37,7 @@ def all_finite(tree) -> Array:
   Returns:
     A scalar boolean array.
   """
-  sums = [jnp.sum(x) for x in jax.tree_util.tree_leaves(tree)]
+  sums = [jnp.sum(x) for x in jax.tree.leaves(tree)]
   if not sums:
     return jnp.array(True)
   return jnp.all(jnp.isfinite(jnp.stack(sums)))

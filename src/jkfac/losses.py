@@ -60,10 +60,13 @@ class Distribution:
   classes_last: bool = False
 
   def term_axes(self, prediction_shape: tuple[int, ...]) -> int:
-    """Returns how many leading axes of the prediction index the loss's terms.
+    """How many leading axes of the prediction index the loss's terms.
 
     Args:
       prediction_shape: the shape of the prediction.
+
+    Returns:
+      The number of axes.
     """
     return len(prediction_shape) - 1 if self.example_axes is None else self.example_axes
 
@@ -76,6 +79,9 @@ class Distribution:
         `term_axes` axes index the terms.
       term_axes: None for the distribution's own (`example_axes`); a mask
         over more leading axes makes each of their positions a term.
+
+    Returns:
+      The number of terms.
     """
     axes = self.term_axes(prediction_shape) if term_axes is None else term_axes
     return math.prod(prediction_shape[:axes])
@@ -87,6 +93,9 @@ class Distribution:
     Args:
       prediction_shape: the shape of the prediction.
       term_axes: as for `num_examples`.
+
+    Returns:
+      The number of variables.
     """
     axes = self.term_axes(prediction_shape) if term_axes is None else term_axes
     event = prediction_shape[axes:]
@@ -280,6 +289,9 @@ def _weighted_mean(nll: Array, mask: Optional[Array]) -> Array:
     nll: the per-term negative log-likelihoods, summed over the outputs of
       a term, shaped as the mask (or the examples, without one).
     mask: the term weights from `_term_mask`, or None for the mean.
+
+  Returns:
+    A scalar.
   """
   if mask is None:
     return jnp.mean(nll)

@@ -55,7 +55,7 @@ class Param:
   """A parameter leaf: its index among the flattened leaves, path and shape.
 
   Attributes:
-    index: its position in `jax.tree_util.tree_leaves(params)`.
+    index: its position in `jax.tree.leaves(params)`.
     path: its path in the parameter tree, keys joined by `/` (`"dense/kernel"`;
       `"params"` for a bare array).
     shape: its shape.
@@ -94,11 +94,14 @@ class Layer:
   stack: tuple[int, ...] = ()
 
   def option(self, key: str, default: Any = None) -> Any:
-    """Returns the value of option `key`, or `default` when the layer has none.
+    """The value of one of the layer's options.
 
     Args:
       key: the option's name (`"bias"`, `"in_axes"`, ...).
       default: the value when the layer does not have the option.
+
+    Returns:
+      The option's value, or `default`.
     """
     return dict(self.options).get(key, default)
 
@@ -554,6 +557,12 @@ class _Walker:
     and LSTM cell) are one dense layer over the concatenated input
     `[x, h, 1]` (Martens, Ba & Johnson 2018).
 
+    Args:
+      jaxpr: the jaxpr walked.
+      plan: its plan, completed with the layers' uses.
+      origin: what each variable is a view of (a parameter, the batch).
+      pending: the products found, waiting for their biases.
+
     Returns:
       The outputs of the bias additions (not scale-and-shift layers).
     """
@@ -597,7 +606,8 @@ class _Walker:
         plan.stack_layout[match.use.id] = (x_stack, out_stack, sizes)
     return biased
 
-  def _summed_products(self, jaxpr: Jaxpr, consumers, origin, pending: list[_Pending]
+  def _summed_products(self, jaxpr: Jaxpr, consumers: Any, origin: Any,
+                       pending: list[_Pending]
                        ) -> list[tuple[list[_Pending], Var]]:
     """The pending products, grouped where several are summed before one bias.
 
@@ -605,6 +615,12 @@ class _Walker:
     alike in every other axis and in their outputs, added one after another
     (`(x @ Wx + h @ Wh) + b`) and then to a bias; any other product is a
     group of its own.
+
+    Args:
+      jaxpr: the jaxpr walked.
+      consumers: each variable's consuming equations.
+      origin: what each variable is a view of.
+      pending: the products found.
 
     Returns:
       (group, the sum of its products) pairs, in graph order.
@@ -836,6 +852,11 @@ def _slice(view: Any, scan: int) -> Any:
 def _lift(use: Use, length: int, stacked: bool) -> tuple[Use, int]:
   """A use inside a scan body, seen from outside: the scan's axis inserted.
 
+  Args:
+    use: the use inside the body.
+    length: the scan's length.
+    stacked: whether the layer's weights are scanned over (a stack).
+
   Returns:
     The use with an axis of `length` in its input and output shapes, and
     that axis: first for a stacked layer (one more stack axis), right after
@@ -906,19 +927,19 @@ def trace(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any],
     ValueError: no loss is registered, a loss is inside control flow, or
       (with `reference`) the layers differ from the reference.
   """
-  flat_params, params_tree = jax.tree_util.tree_flatten_with_path(params)
+  flat_params, params_tree = jax.tree.flatten_with_path(params)
   paths = [_path_str(p) for p, _ in flat_params]
   leaves = [leaf for _, leaf in flat_params]
   num_params = len(leaves)
 
-  flat_args, args_tree = jax.tree_util.tree_flatten(tuple(args))
+  flat_args, args_tree = jax.tree.flatten(tuple(args))
 
   def flat_fn(*flat):
-    return loss_fn(jax.tree_util.tree_unflatten(params_tree, flat[:num_params]),
-                   *jax.tree_util.tree_unflatten(args_tree, flat[num_params:]))
+    return loss_fn(jax.tree.unflatten(params_tree, flat[:num_params]),
+                   *jax.tree.unflatten(args_tree, flat[num_params:]))
 
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves, *flat_args)
-  out_tree = jax.tree_util.tree_structure(out_shape)
+  out_tree = jax.tree.structure(out_shape)
   _check_output(out_shape, has_aux)
   shapes = [tuple(jax.numpy.shape(leaf)) for leaf in leaves]
   origins = [_LeafView(i, tuple(range(len(s)))) for i, s in enumerate(shapes)]

@@ -282,7 +282,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
           f"{where}: the gradient holds other parameters than those given to "
           "scale_by_kfac.init (optax.MaskedNode in other places). Pass the same "
           "partition of the parameters to init and update.")
-    count = state.count + 1
+    count = optax.safe_int32_increment(state.count)
     epsilon = jnp.minimum(1.0 - 1.0 / count.astype(est.factor_dtype), decay)
     finite = linalg.all_finite(batch)
     if axis_name is not None:  # every device skips the same batches
@@ -754,8 +754,8 @@ def _zero_step_if_not_finite(chain: optax.GradientTransformationExtraArgs
   def update_fn(grads, state, params=None, **extra_args):
     updates, new_state = chain.update(grads, state, params, **extra_args)
     finite = linalg.all_finite((grads, updates))
-    updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-    rest = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    rest = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                   tuple(new_state[1:]), tuple(state[1:]))
     return updates, (new_state[0],) + rest
 

@@ -143,7 +143,7 @@ def check_leaves(tree: Any, where: str) -> None:
   Raises:
     TypeError: a leaf is a function, a module or another Python object.
   """
-  for path, leaf in jax.tree_util.tree_flatten_with_path(unwrap(tree))[0]:
+  for path, leaf in jax.tree.flatten_with_path(unwrap(tree))[0]:
     if not (isinstance(leaf, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct,
                               int, float, complex)) or hasattr(leaf, "aval")):
       raise TypeError(

@@ -22,8 +22,15 @@ A stack of layers (`Layer.stack`) gets its kind's block once per slice,
 batched (`jkfac.blocks.stacked`): use `for_layer(layer)`.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from jkfac.blocks import conv, dense, diagonal, embedding, full, none, scale_and_shift, stacked
 from jkfac.blocks.base import Block, Captures
+
+if TYPE_CHECKING:  # tracing imports the blocks
+  from jkfac.tracing import Layer
 
 REGISTRY: dict[str, Block] = {
     "conv": conv.BLOCK,
@@ -37,19 +44,25 @@ REGISTRY: dict[str, Block] = {
 
 
 def get(kind: str) -> Block:
-  """Returns the block registered for `kind`.
+  """The block registered for a layer kind.
 
   Args:
     kind: a key of `REGISTRY` (`"dense"`, `"conv"`, ...), as in `Layer.kind`.
+
+  Returns:
+    `REGISTRY[kind]`.
   """
   return REGISTRY[kind]
 
 
-def for_layer(layer) -> Block:
-  """Returns the block of `layer`: its kind's, batched over a stack's slices.
+def for_layer(layer: Layer) -> Block:
+  """The block of a layer: its kind's, batched over a stack's slices.
 
   Args:
     layer: a `tracing.Layer`.
+
+  Returns:
+    The `Block`.
   """
   block = REGISTRY[layer.kind]
   if layer.stack and block.needs != "nothing":

@@ -28,14 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from typing_extensions import override
 
 from jkfac import linalg, sharding
 from jkfac.blocks.base import Block, Captures, row_weights, with_bias_moments
+
+if TYPE_CHECKING:  # tracing imports the blocks
+  from jkfac.tracing import Layer
 
 Array = jax.Array
 
@@ -208,7 +212,7 @@ class ConvBlock(Block):
   roles = ("kernel", "bias")
   needs = "activations"
 
-  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+  def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Returns per-group `A` (patch second moments) and `G` of this batch.
 
     Args:
@@ -237,7 +241,7 @@ class ConvBlock(Block):
       a = with_bias_moments(a, sums / rows)
     return {"A": a, "G": g_cov}
 
-  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns each group's damped factor inverses (factored Tikhonov with π).
 
@@ -255,7 +259,7 @@ class ConvBlock(Block):
         lambda a, g: linalg.kronecker_inverses(a, g, damping, method))(factors["A"], factors["G"])
     return {"A_inv": a_inv, "G_inv": g_inv, "pi": pi}
 
-  def precondition(self, layer, inverse: dict[str, Array],
+  def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
     """Returns `A_j^{-1} [∇W_j; ∇b_j] G_j^{-1}` per group j, as kernel and bias.
 
@@ -281,7 +285,8 @@ class ConvBlock(Block):
       out += (u[:, -1].reshape(grads[1].shape).astype(grads[1].dtype),)
     return out
 
-  def describe(self, layer) -> str:
+  @override
+  def describe(self, layer: Layer) -> str:
     spec: ConvSpec = layer.option("conv")
     shape = layer.params[0].shape
     fan_in = shape[spec.rhs_spec[1]] * math.prod(shape[a] for a in spec.kernel_spatial)

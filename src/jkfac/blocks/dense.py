@@ -31,14 +31,18 @@ stacked (option `more_kernels` holds the further kernels' axes).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from typing_extensions import override
 
 from jkfac import linalg
 from jkfac.blocks.base import Block, Captures, row_weights, with_bias_moments
 from jkfac.sharding import row_products
+
+if TYPE_CHECKING:  # tracing imports the blocks
+  from jkfac.tracing import Layer
 
 Array = jax.Array
 
@@ -51,7 +55,7 @@ def _features_last(x: Array, axes: Sequence[int], dtype: Any) -> Array:
   return x.reshape(x.shape[:x.ndim - len(axes)] + (-1,))
 
 
-def _layouts(layer) -> list[dict[str, tuple[int, ...]]]:
+def _layouts(layer: Layer) -> list[dict[str, tuple[int, ...]]]:
   """Each kernel's `in_axes` and `out_axes`: the first's, then option `more_kernels`'."""
   return [dict(options) for options in (layer.options, *layer.option("more_kernels", ()))]
 
@@ -82,14 +86,14 @@ def _kernel_from_matrix(layout: dict[str, tuple[int, ...]], matrix: Array,
   return jnp.transpose(kernel, [order.index(a) for a in range(len(shape))])
 
 
-def _split_params(layer, grads: Sequence[Array]) -> tuple[list[Array], Optional[Array]]:
+def _split_params(layer: Layer, grads: Sequence[Array]) -> tuple[list[Array], Optional[Array]]:
   """The kernels (first, then `more_kernels`) and the bias (or None) of `grads`."""
   bias = layer.option("bias")
   kernels = [grads[0], *grads[2 if bias else 1:]]
   return kernels, grads[1] if bias else None
 
 
-def gradient_matrix(layer, grads: Sequence[Array], dtype: Any) -> Array:
+def gradient_matrix(layer: Layer, grads: Sequence[Array], dtype: Any) -> Array:
   """The gradients as `[∇W; ∇b]`, shape `(in[+1], out)`, in `dtype`.
 
   Args:
@@ -112,7 +116,7 @@ def gradient_matrix(layer, grads: Sequence[Array], dtype: Any) -> Array:
   return jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
 
 
-def split_matrix(layer, u: Array, grads: Sequence[Array]) -> tuple[Array, ...]:
+def split_matrix(layer: Layer, u: Array, grads: Sequence[Array]) -> tuple[Array, ...]:
   """Splits `[U_W; u_b]` back into the parameters, shaped and typed as `grads`.
 
   Args:
@@ -142,7 +146,7 @@ class DenseBlock(Block):
   roles = ("kernel", "bias")
   needs = "activations"
 
-  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+  def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Returns `A` (with the bias row and column) and `G` of this batch.
 
     Args:
@@ -182,7 +186,7 @@ class DenseBlock(Block):
       a = with_bias_moments(a, mean)
     return {"A": a, "G": g_cov}
 
-  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns the damped factor inverses (factored Tikhonov with π).
 
@@ -199,7 +203,7 @@ class DenseBlock(Block):
     a_inv, g_inv, pi = linalg.kronecker_inverses(factors["A"], factors["G"], damping, method)
     return {"A_inv": a_inv, "G_inv": g_inv, "pi": pi}
 
-  def precondition(self, layer, inverse: dict[str, Array],
+  def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
     """Returns `A^{-1} [∇W; ∇b] G^{-1}`, split back into kernel and bias.
 
@@ -215,7 +219,8 @@ class DenseBlock(Block):
     v = gradient_matrix(layer, grads, inverse["A_inv"].dtype)
     return split_matrix(layer, inverse["A_inv"] @ v @ inverse["G_inv"], grads)
 
-  def describe(self, layer) -> str:
+  @override
+  def describe(self, layer: Layer) -> str:
     kernels, _ = _split_params(layer, [p.shape for p in layer.params])
     fan_in = sum(_kernel_rows(layout, shape) for layout, shape in zip(_layouts(layer), kernels))
     fan_out = math.prod(kernels[0][i] for i in layer.option("out_axes"))

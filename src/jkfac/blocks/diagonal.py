@@ -15,11 +15,15 @@ examples are independent (no batch normalisation across them).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
+from typing_extensions import override
 
 from jkfac.blocks.base import Block, Captures
+
+if TYPE_CHECKING:  # tracing imports the blocks
+  from jkfac.tracing import Layer
 
 Array = jax.Array
 
@@ -30,7 +34,7 @@ class DiagonalBlock(Block):
   roles = ("param",)
   needs = "per_example_gradients"
 
-  def gradient_moment(self, grads: Sequence[Array], dtype) -> Array:
+  def gradient_moment(self, grads: Sequence[Array], dtype: Any) -> Array:
     """`Σ_k g_k²` of one example's gradients over the curvature passes.
 
     Args:
@@ -42,7 +46,7 @@ class DiagonalBlock(Block):
     """
     return jax.numpy.sum(jax.numpy.square(grads[0].astype(dtype)), axis=0)
 
-  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+  def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Returns `{"diag": sum over examples of squared per-example gradients}`.
 
     Args:
@@ -55,7 +59,7 @@ class DiagonalBlock(Block):
     """
     return {"diag": captures.gradient_moment.astype(captures.dtype)}
 
-  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns `1 / (diag + λ)`.
 
@@ -71,7 +75,7 @@ class DiagonalBlock(Block):
     """
     return {"diag_inv": 1.0 / (jax.numpy.maximum(factors["diag"], 0.0) + damping)}
 
-  def precondition(self, layer, inverse: dict[str, Array],
+  def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
     """Returns `∇θ / (diag + λ)`.
 
@@ -85,7 +89,8 @@ class DiagonalBlock(Block):
     """
     return ((grads[0] * inverse["diag_inv"]).astype(grads[0].dtype),)
 
-  def describe(self, layer) -> str:
+  @override
+  def describe(self, layer: Layer) -> str:
     return "diag " + "x".join(map(str, layer.params[0].shape)) if layer.params[0].shape else "diag 1"
 
 

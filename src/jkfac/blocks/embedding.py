@@ -13,14 +13,18 @@ Tikhonov damping, K-FAC section 6.3). Ids outside the table (which
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
+from typing_extensions import override
 
 from jkfac import linalg
 from jkfac.blocks.base import Block, Captures, row_weights
 from jkfac.sharding import row_products
+
+if TYPE_CHECKING:  # tracing imports the blocks
+  from jkfac.tracing import Layer
 
 Array = jax.Array
 
@@ -31,7 +35,7 @@ class EmbeddingBlock(Block):
   roles = ("table",)
   needs = "activations"
 
-  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+  def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Returns `{"A": id frequencies (vocab,), "G": (features, features)}`.
 
     Args:
@@ -58,7 +62,7 @@ class EmbeddingBlock(Block):
       g_cov = g_cov + row_products(g_rows, g_rows)
     return {"A": counts / rows, "G": g_cov}
 
-  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns `1 / (A + π√λ)` and `(G + √λ/π I)^{-1}` (factored Tikhonov).
 
@@ -78,7 +82,7 @@ class EmbeddingBlock(Block):
     return {"A_inv": 1.0 / (jnp.maximum(a, 0.0) + pi * root),
             "G_inv": linalg.damped_inverse(g, root / pi, method), "pi": pi}
 
-  def precondition(self, layer, inverse: dict[str, Array],
+  def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
     """Returns `diag(A_inv) ∇table G_inv`.
 
@@ -94,7 +98,8 @@ class EmbeddingBlock(Block):
     u = (inverse["A_inv"][:, None] * grads[0].astype(dtype)) @ inverse["G_inv"]
     return (u.astype(grads[0].dtype),)
 
-  def describe(self, layer) -> str:
+  @override
+  def describe(self, layer: Layer) -> str:
     vocab, features = layer.params[0].shape
     return f"A diag {vocab}, G {features}x{features}"
 

@@ -14,14 +14,18 @@ whose examples are independent.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from typing_extensions import override
 
 from jkfac import linalg
 from jkfac.blocks.base import Block, Captures, flatten, unflatten
 from jkfac.sharding import row_products
+
+if TYPE_CHECKING:  # tracing imports the blocks
+  from jkfac.tracing import Layer
 
 Array = jax.Array
 MAX_SIZE = 4096  # a 4096 x 4096 float32 factor is 64 MiB; use Kronecker blocks above
@@ -33,7 +37,7 @@ class FullBlock(Block):
   roles = ("param",)
   needs = "per_example_gradients"
 
-  def gradient_moment(self, grads: Sequence[Array], dtype) -> Array:
+  def gradient_moment(self, grads: Sequence[Array], dtype: Any) -> Array:
     """`Σ_k v_k v_k^T` of one example's gradients over the curvature passes.
 
     Args:
@@ -46,7 +50,7 @@ class FullBlock(Block):
     rows = jnp.concatenate([g.astype(dtype).reshape(g.shape[0], -1) for g in grads], axis=1)
     return row_products(rows, rows)
 
-  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+  def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Returns `{"full": Σ_n ∇θ_n ∇θ_n^T}` (a mean, by the scaling of the gradients).
 
     Args:
@@ -60,7 +64,7 @@ class FullBlock(Block):
     """
     return {"full": captures.gradient_moment.astype(captures.dtype)}
 
-  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns `(F + λ I)^{-1}`.
 
@@ -75,7 +79,7 @@ class FullBlock(Block):
     """
     return {"full_inv": linalg.damped_inverse(factors["full"], damping, method)}
 
-  def precondition(self, layer, inverse: dict[str, Array],
+  def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
     """Returns `(F + λ I)^{-1} ∇θ`, split back into the parameters.
 
@@ -91,12 +95,13 @@ class FullBlock(Block):
     full_inv = inverse["full_inv"]
     return unflatten(full_inv @ flatten(grads, full_inv.dtype), grads)
 
-  def describe(self, layer) -> str:
+  @override
+  def describe(self, layer: Layer) -> str:
     size = size_of(layer)
     return f"full {size}x{size}"
 
 
-def size_of(layer) -> int:
+def size_of(layer: Layer) -> int:
   """The number of parameter entries of a layer.
 
   Args:

@@ -6,11 +6,15 @@ Chosen per layer with `overrides={pattern: "none"}` (see `jkfac.overrides`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
+from typing_extensions import override
 
 from jkfac.blocks.base import Block, Captures
+
+if TYPE_CHECKING:  # tracing imports the blocks
+  from jkfac.tracing import Layer
 
 Array = jax.Array
 
@@ -25,18 +29,22 @@ class NoneBlock(Block):
   roles = ("param",)
   needs = "nothing"
 
-  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+  @override
+  def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     return {}
 
-  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+  @override
+  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
     return {}
 
-  def precondition(self, layer, inverse: dict[str, Array],
+  @override
+  def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
     return tuple(grads)
 
-  def describe(self, layer) -> str:
+  @override
+  def describe(self, layer: Layer) -> str:
     return "none (gradient unchanged)"
 
 

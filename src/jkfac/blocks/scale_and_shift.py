@@ -12,19 +12,23 @@ shift together) with the layer option `full`, affordable for the usual sizes
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
+from typing_extensions import override
 
 from jkfac.blocks import diagonal, full
 from jkfac.blocks.base import Block, Captures, flatten, unflatten
 from jkfac.sharding import row_products
 
+if TYPE_CHECKING:  # tracing imports the blocks
+  from jkfac.tracing import Layer
+
 Array = jax.Array
 
 
-def _per_example(layer, captures: Captures) -> Array:
+def _per_example(layer: Layer, captures: Captures) -> Array:
   """Per-example gradients, shape `(passes x examples, parameter entries)`."""
   axes = layer.option("axes")
   roles = [p.role for p in layer.params]
@@ -46,7 +50,7 @@ class ScaleAndShiftBlock(Block):
   roles = ("scale", "shift")
   needs = "activations"
 
-  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+  def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Returns `{"diag": ...}` (or `{"full": ...}` with option `full`) of this batch.
 
     Args:
@@ -65,7 +69,7 @@ class ScaleAndShiftBlock(Block):
       return {"full": row_products(grads, grads)}
     return {"diag": jnp.sum(jnp.square(grads), axis=0)}
 
-  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns `(F + λ I)^{-1}` (full) or `1 / (diag + λ)`.
 
@@ -83,7 +87,7 @@ class ScaleAndShiftBlock(Block):
     block = full.BLOCK if layer.option("full") else diagonal.BLOCK
     return block.inverse(layer, factors, damping, method)
 
-  def precondition(self, layer, inverse: dict[str, Array],
+  def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
     """Returns the preconditioned scale and shift gradients.
 
@@ -101,7 +105,8 @@ class ScaleAndShiftBlock(Block):
     diag_inv = inverse["diag_inv"]
     return unflatten(flatten(grads, diag_inv.dtype) * diag_inv, grads)
 
-  def describe(self, layer) -> str:
+  @override
+  def describe(self, layer: Layer) -> str:
     if layer.option("full"):
       return full.BLOCK.describe(layer)
     return f"diag {full.size_of(layer)}"

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from typing_extensions import override
 
 from jkfac.blocks.base import Block, Captures
+
+if TYPE_CHECKING:  # tracing imports the blocks
+  from jkfac.tracing import Layer
 
 Array = jax.Array
 
@@ -87,7 +91,7 @@ class Stacked(Block):
     self.roles = block.roles
     self.needs = block.needs
 
-  def statistics(self, layer, captures: Captures) -> dict[str, Array]:
+  def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Every slice's factors, stacked: leading axes `layer.stack`.
 
     Args:
@@ -126,7 +130,7 @@ class Stacked(Block):
     out = jax.vmap(lambda gs: self.block.gradient_moment(gs, dtype), in_axes=1)(merged)
     return _split(out, self.stack)
 
-  def inverse(self, layer, factors: dict[str, Array], damping: Array,
+  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
               method: str = "cholesky") -> dict[str, Array]:
     """Every slice's inverses, by one factorisation kernel per factor.
 
@@ -146,7 +150,7 @@ class Stacked(Block):
                       batch_size=batch_size)
     return _split(out, layer.stack)
 
-  def precondition(self, layer, inverse: dict[str, Array],
+  def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
     """Every slice's gradients preconditioned by its own inverses, batched.
 
@@ -163,6 +167,7 @@ class Stacked(Block):
     out = jax.vmap(lambda inv, g: tuple(self.block.precondition(inner, inv, g)))(*merged)
     return tuple(g.reshape(like.shape) for g, like in zip(out, grads))
 
-  def describe(self, layer) -> str:
+  @override
+  def describe(self, layer: Layer) -> str:
     count = math.prod(layer.stack)
     return f"{count} x ({self.block.describe(unstacked(layer))})"
