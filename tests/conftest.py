@@ -19,3 +19,18 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_enable_x64", True)
+
+# The modules whose tests take longest (notebooks, multi-device runs, model
+# zoo, scans), run first: with `pytest -n 2` the workers then share out the
+# long tests early and end on short ones, instead of one worker finishing a
+# 30-second test alone.
+_LONG_FIRST = ("test_examples.py", "test_multidevice.py", "test_zoo.py", "test_scan.py",
+               "test_state_layout.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Orders the collected tests: the long modules first (see `_LONG_FIRST`)."""
+  del config  # unused
+  rank = lambda item: next((i for i, name in enumerate(_LONG_FIRST)
+                            if item.path.name == name), len(_LONG_FIRST))
+  items.sort(key=rank)  # stable: each module's own order kept

@@ -215,6 +215,11 @@ def _sharded_jit(tx_fn, params, x, y, steps, mesh):
 _EXPLICIT = pytest.param("explicit", marks=pytest.mark.skipif(
     jax.__version_info__ < (0, 9), reason="JAX < 0.9 cannot differentiate a dense layer "
     "over an Explicit batch-sharded input (jax.grad fails too)"))
+# Where one axis type suffices (CI time): Auto axes on JAX < 0.9, Explicit
+# (jax.make_mesh's default) on newer JAX.
+_AUTO_ON_OLD_JAX = pytest.param("auto", marks=pytest.mark.skipif(
+    jax.__version_info__ >= (0, 9), reason="one axis type per JAX (CI time): Explicit "
+    "axes on JAX >= 0.9, Auto on 0.8"))
 
 
 def _mesh(axes: str) -> jax.sharding.Mesh:
@@ -230,8 +235,7 @@ def _in_mesh(mesh: jax.sharding.Mesh):
   return jax.set_mesh(mesh) if explicit else contextlib.nullcontext()
 
 
-@pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
-@pytest.mark.parametrize("spread", [False, True])
+@pytest.mark.parametrize("spread, axes", [(True, "auto"), (False, _EXPLICIT)])
 def test_sharded_jit_equals_one_device_on_the_whole_batch(spread, axes):
   """The three-line step, unmodified, on a batch sharded over 8 devices: with
   Auto axes, and under `jax.set_mesh` with Explicit ones (`jax.make_mesh`'s
@@ -360,7 +364,7 @@ def test_fsdp_parameters_equal_one_device(axes):
   assert max(shares) <= 1.3 / DEVICES, [s * DEVICES for s in shares]
 
 
-@pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
+@pytest.mark.parametrize("axes", [_AUTO_ON_OLD_JAX, _EXPLICIT])
 def test_a_data_and_model_mesh_with_tensor_parallel_layers_equals_one_device(axes):
   """A 4 x 2 ("data", "model") mesh: the batch over "data", the first dense layer
   column-parallel and the second row-parallel over "model" (Megatron's pair)."""
@@ -379,10 +383,7 @@ def test_a_data_and_model_mesh_with_tensor_parallel_layers_equals_one_device(axe
   _sharded_params_equal_one_device(mesh, specs, loss_fn, P("data"), fixed=False)
 
 
-@pytest.mark.parametrize("axes", [
-    pytest.param("auto", marks=pytest.mark.skipif(
-        jax.__version_info__ >= (0, 9), reason="one configuration per JAX (CI time): "
-        "Explicit axes on JAX >= 0.9, Auto on 0.8")), _EXPLICIT])
+@pytest.mark.parametrize("axes", [_AUTO_ON_OLD_JAX, _EXPLICIT])
 def test_two_processes_of_four_devices_equal_one_device(axes):
   """`examples/multiprocess.py`: jax.distributed over loopback, gloo CPU collectives;
   one mesh over both processes' 8 devices, with Auto or Explicit axes (and the
@@ -407,7 +408,7 @@ def test_two_processes_of_four_devices_equal_one_device(axes):
   assert len(lines) == 2 and all("4 local devices, 8 in all" in l for l in lines), lines
 
 
-@pytest.mark.parametrize("axes", ["auto", _EXPLICIT])
+@pytest.mark.parametrize("axes", [_AUTO_ON_OLD_JAX, _EXPLICIT])
 def test_a_shard_map_step_equals_one_device(axes):
   """Inside `shard_map` the optimizer works as under pmap (`axis_name`); its
   state is per device (the factors' moving averages are each device's own).

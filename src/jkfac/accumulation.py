@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jkfac.estimator import Estimator, Statistics
+from jkfac.estimator import Estimator
+from jkfac.statistics import Statistics
 
 Array = jax.Array
 

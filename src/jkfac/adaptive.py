@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from jkfac import linalg, sharding
-from jkfac.estimator import Estimator, Statistics
+from jkfac.estimator import Estimator
+from jkfac.statistics import Statistics
 
 Array = jax.Array
 

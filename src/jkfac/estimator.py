@@ -31,62 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkfac import blocks, interpret, losses, sharding, tracing, trees, tridiagonal
+from jkfac import (blocks, curvature, interpret, layer_table, losses, per_example, sharding,
+                   term_weights, tracing, trees, tridiagonal)
+from jkfac import batch_axes as batching
+from jkfac.statistics import Statistics
 from jkfac.blocks import dense
 
 Array = jax.Array
 MODES = ("fisher", "empirical", "exact")
 _ids = itertools.count()
-
-
-@jax.tree_util.register_pytree_node_class
-class Statistics:
-  """One batch's curvature statistics, as returned by `est`.
-
-  Attributes:
-    factors: layer name -> that layer's factors for this batch.
-    estimator_id: which estimator made them (static, checked by the transform).
-    extras: anything else a transform needs, keyed by name:
-      `"curvature"`, a `jax.tree_util.Partial` taking a list of vectors
-      (pytrees shaped as the parameters) and returning their Gram matrix
-      `v_i^T F v_j` under the exact Fisher of the batch; `"loss_at"`, a
-      `Partial` giving the loss at other parameters, both on the batch's
-      first `curvature_fraction` (the whole batch by default, as in K-FAC
-      section 7); and `"loss"`, the batch's loss. Both take pytrees with
-      parameters masked out (`optax.MaskedNode`, an optax partition's):
-      those are zero in a vector and keep this batch's values in
-      `loss_at`.
-  """
-
-  factors: dict[str, dict[str, Array]]
-  estimator_id: int
-  extras: dict[str, Any]
-
-  def __init__(self, factors: dict[str, dict[str, Array]], estimator_id: int,
-               extras: Optional[dict[str, Any]] = None):
-    """Holds the statistics.
-
-    Args:
-      factors: as the attribute.
-      estimator_id: as the attribute.
-      extras: as the attribute (None for none).
-    """
-    self.factors = factors
-    self.estimator_id = estimator_id
-    self.extras = {} if extras is None else extras
-
-  def tree_flatten(self) -> tuple[tuple[Any, Any], int]:
-    """The pytree protocol: the factors and extras are children, the id static."""
-    return (self.factors, self.extras), self.estimator_id
-
-  @classmethod
-  def tree_unflatten(cls, estimator_id: int, children: tuple[Any, Any]) -> Statistics:
-    """The pytree protocol's inverse of `tree_flatten`."""
-    return cls(children[0], estimator_id, children[1])
-
-  def __repr__(self) -> str:
-    shapes = jax.tree.map(lambda x: tuple(x.shape), self.factors)
-    return f"Statistics(estimator={self.estimator_id}, factors={shapes})"
 
 
 class Estimator:
@@ -129,7 +82,7 @@ class Estimator:
     self.overrides = dict(overrides or {})
     self.weight_sharing = weight_sharing
     self._num_args = len(args)
-    self.batch_axes = _check_batch_axes(batch_axes, args)
+    self.batch_axes = batching.check(batch_axes, args)
     self.id = next(_ids)
     trees.check_leaves(params, "jkfac.estimator(loss_fn, params, ...)")
     leaves, self.params_tree = jax.tree.flatten(params)
@@ -138,6 +91,7 @@ class Estimator:
     inexact = [d for _, d in self._param_shapes if jnp.issubdtype(d, jnp.inexact)]
     self.factor_dtype = resolve_factor_dtype(factor_dtype, inexact)
     self._programs: dict[Any, tracing.Program] = {}
+    self._bound_functions: dict[Any, Callable[..., Any]] = {}
     program = tracing.trace(loss_fn, params, args, has_aux, overrides=self.overrides,
                             weight_sharing=weight_sharing)
     _check_nonempty(program)
@@ -197,18 +151,18 @@ class Estimator:
     if self.stats_fraction < 1.0:
       stats_args = self._subset(program, flat_args, args_tree, self.stats_fraction,
                                 "stats_fraction")
-      stats_program = self._subset_program(flat_params, stats_args, args_tree,
+      stats_program = self.sliced_program(flat_params, stats_args, args_tree,
                                            "stats_fraction")
       _, _, inputs, preds, targets, backward = self._forward(
           stats_program, flat_params, stats_args, with_grads=False)
     targets, masks = [t for t, _ in targets], [m for _, m in targets]
-    weights = [_term_weights(l, m) for l, m in zip(stats_program.losses, masks)]
+    weights = [term_weights.term_weights(l, m) for l, m in zip(stats_program.losses, masks)]
     cotangents = self._cotangents(stats_program, preds, targets, weights, rng)
     output_grads = backward(cotangents)
-    moments = self._gradient_moments(stats_program, flat_params, stats_args, args_tree,
+    moments = per_example.gradient_moments(self, stats_program, flat_params, stats_args, args_tree,
                                      cotangents)
     factors = self._factors(stats_program.uses, inputs, output_grads, moments,
-                            _row_side_weights(stats_program.losses, weights))
+                            term_weights.row_side_weights(stats_program.losses, weights))
     value = (loss, aux) if self.has_aux else loss
     extras = {
         "loss": jax.lax.stop_gradient(loss),
@@ -275,19 +229,6 @@ class Estimator:
     self._compiled = jax.jit(self._evaluate)  # the statistics' structure changed
     return self.chains
 
-  def _loss_at(self, program: tracing.Program, flat_params: list[Array],
-               flat_args: list[Array], params: Any) -> Array:
-    """The loss of this batch at other parameters (one forward pass).
-
-    Parameters masked out of `params` (`optax.MaskedNode`: a transform that
-    owns only some of them) keep the values the statistics were computed at.
-    """
-    _, given = self.align(params, "the loss at new parameters", partial=True)
-    new_params = [p if g is None else g for g, p in zip(given, flat_params)]
-    result = interpret.run(program.plan, new_params + list(flat_args), {})
-    out = jax.tree.unflatten(program.out_tree, result.outputs)
-    return out[0] if self.has_aux else out
-
   def _forward(self, program: tracing.Program, flat_params: list[Array],
                flat_args: list[Array], with_grads: bool):
     """One forward pass; returns its outputs, captures and backward functions."""
@@ -327,7 +268,7 @@ class Estimator:
     """Per loss, the curvature pass's cotangents, shape `(K, *prediction)`.
 
     A masked loss's cotangents are scaled term by term by the square root of
-    the term's weight (`_term_weights`), so that the output-side factors are
+    the term's weight (`term_weights.term_weights`), so that the output-side factors are
     the weighted means of the loss.
     """
     cots = []
@@ -345,7 +286,7 @@ class Estimator:
         cot = jax.vmap(lambda k: dist.nll_grad(pred, dist.sample(k, pred)))(keys)
         scale /= math.sqrt(self.fisher_samples)
       if weight is not None:
-        cot = cot * _over_outputs(jnp.sqrt(weight), pred.ndim).astype(cot.dtype)
+        cot = cot * term_weights.over_outputs(jnp.sqrt(weight), pred.ndim).astype(cot.dtype)
       cots.append((scale * cot).astype(pred.dtype))
     if self.mode == "exact" and len(cots) > 1:  # one backward pass per column, per loss
       total = sum(c.shape[0] for c in cots)
@@ -353,119 +294,6 @@ class Estimator:
       cots = [jnp.zeros((total,) + c.shape[1:], c.dtype).at[o:o + c.shape[0]].set(c)
               for c, o in zip(cots, offsets)]
     return cots
-
-  def _curvature_gram(self, program: tracing.Program,
-                      flat_params: list[Array], flat_args: list[Array],
-                      vectors: Sequence[Any]) -> Array:
-    """`M[i, j] = v_i^T F v_j` for the exact Fisher of this batch's mean loss.
-
-    F is the Fisher (equal to the generalised Gauss-Newton matrix for these
-    losses) of the registered predictive distributions, `J^T H J` averaged
-    over examples and weighted as the losses are: one linearisation of the
-    network's predictions, one forward-mode product per vector, never a
-    matrix formed (K-FAC section 7).
-
-    Args:
-      program: the traced program of this batch's shapes.
-      flat_params: the parameters' leaves.
-      flat_args: the batch's leaves.
-      vectors: pytrees with the parameters' structure.
-
-    Returns:
-      The Gram matrix, shape `(len(vectors), len(vectors))`, factor dtype.
-    """
-    def predictions(p):  # and the losses' masks (None if unmasked), whose tangents are unused
-      result = interpret.run(program.plan, list(p) + list(flat_args), {})
-      return ([result.predictions[l.id][0] for l in program.losses],
-              [jax.lax.stop_gradient(result.predictions[l.id][2]) for l in program.losses])
-
-    (preds, masks), linear_with_masks = jax.linearize(predictions, list(flat_params))
-    linear = lambda tangent: linear_with_masks(tangent)[0]
-    # With parameters of a narrower range than float32 (float16), each vector
-    # is divided by a power of two near its largest entry before the product
-    # runs in the parameters' dtype, so that a long direction does not
-    # overflow (exact: the product is linear); the Gram matrix is scaled back
-    # in the factor dtype.
-    narrow = any(jnp.issubdtype(p.dtype, jnp.floating)
-                 and jnp.finfo(p.dtype).max < jnp.finfo(jnp.float32).max for p in flat_params)
-    tangents, scales = [], []
-    for v in vectors:
-      _, given = self.align(v, "the curvature product's vector", partial=True)
-      leaves = [jnp.zeros_like(p) if g is None else g for g, p in zip(given, flat_params)]
-      power = jnp.ones([], self.factor_dtype)
-      if narrow:
-        peak = [jnp.max(jnp.abs(t)).astype(self.factor_dtype) for t in leaves if jnp.size(t)]
-        _, exponent = jnp.frexp(jnp.max(jnp.stack(peak)) if peak else jnp.zeros([]))
-        power = jnp.ldexp(power, exponent)
-        leaves = [t.astype(self.factor_dtype) / power for t in leaves]
-      scales.append(power)
-      tangents.append(linear([t.astype(p.dtype) for t, p in zip(leaves, flat_params)]))
-    size = len(vectors)
-    gram = jnp.zeros((size, size), self.factor_dtype)
-    for index, (loss, pred, mask) in enumerate(zip(program.losses, preds, masks)):
-      dist = losses.DISTRIBUTIONS[loss.distribution]
-      scale = loss.weight / loss.num_examples
-      products = [dist.fisher_product(pred, t[index]) for t in tangents]
-      weight = _term_weights(loss, mask)
-      if weight is not None:
-        products = [h * _over_outputs(weight, pred.ndim).astype(h.dtype) for h in products]
-      rows = [[sharding.vdot(t[index].astype(self.factor_dtype), h.astype(self.factor_dtype))
-               for h in products] for t in tangents]
-      gram = gram + scale * jnp.array(rows, self.factor_dtype)
-    scales = jnp.stack(scales)
-    gram = gram * scales[:, None] * scales[None, :]
-    return 0.5 * (gram + gram.T)
-
-  def _gradient_moments(self, program: tracing.Program, flat_params: list[Array],
-                        flat_args: list[Array], args_tree: Any,
-                        cotangents: list[Array]) -> dict[str, Array]:
-    """Per layer whose block needs them, sums of per-example gradient moments.
-
-    Each example is differentiated on its own (a program traced for one
-    example, vmapped over the batch), with the curvature pass's cotangents,
-    with respect to those layers' parameters only.
-    """
-    layers = [l for l in self.layers if blocks.for_layer(l).needs == "per_example_gradients"]
-    if not layers:
-      return {}
-    indices = [p.index for layer in layers for p in layer.params]
-    n = _batch_size(program, f"the {layers[0].kind} block of {layers[0].name!r}")
-    axes = self._flat_batch_axes(flat_args, args_tree, n)
-    if all(axis is None for axis in axes):
-      names = ", ".join(repr(l.name) for l in layers)
-      raise ValueError(
-          f"The per-example gradients of the {layers[0].kind} block(s) of {names} need the "
-          f"examples on the leading axis of the losses' predictions and of the batch "
-          f"arguments, but the predictions' leading axis has size {n} and no argument of "
-          "the loss function has that leading size (a vmapped ensemble whose outputs are "
-          "(members, batch, ...), say). Put the batch axis first in the predictions "
-          "(jax.vmap(..., out_axes=1) for an ensemble), or give these parameters another "
-          f"block: jkfac.estimator(..., overrides={{{layers[0].name!r}: 'none'}}).")
-    unit_args = [a if axis is None else  # shapes only: no slice of a sharded batch
-                 jax.ShapeDtypeStruct(jnp.shape(a)[:axis] + (1,) + jnp.shape(a)[axis + 1:],
-                                      jnp.result_type(a))
-                 for a, axis in zip(flat_args, axes)]
-    unit = self._subset_program(flat_params, unit_args, args_tree,
-                                f"The {layers[0].kind} block of {layers[0].name!r}")
-
-    def one_example(example_args, example_cots):
-      def predictions(chosen):
-        full = list(flat_params)
-        for i, value in zip(indices, chosen):
-          full[i] = value
-        result = interpret.run(unit.plan, full + list(example_args), {})
-        return [result.predictions[l.id][0] for l in unit.losses]
-
-      _, vjp_fn = jax.vjp(predictions, [flat_params[i] for i in indices])
-      per_pass = dict(zip(indices, jax.vmap(lambda c: vjp_fn(c)[0])(example_cots)))
-      return [blocks.for_layer(l).gradient_moment([per_pass[p.index] for p in l.params],
-                                                 self.factor_dtype) for l in layers]
-
-    split_args = [a if axis is None else jnp.expand_dims(a, axis + 1)
-                  for a, axis in zip(flat_args, axes)]
-    split_cots = [jnp.moveaxis(c, 1, 0)[:, :, None] for c in cotangents]
-    per_example = jax.vmap(one_example, in_axes=(axes, 0))(split_args, split_cots)
-    return {l.name: jnp.sum(m, axis=0) for l, m in zip(layers, per_example)}
 
   # --- helpers --------------------------------------------------------------
 
@@ -568,45 +396,50 @@ class Estimator:
     if self.curvature_fraction < 1.0:
       flat_args = self._subset(program, flat_args, args_tree, self.curvature_fraction,
                                "curvature_fraction")
-      program = self._subset_program(flat_params, flat_args, args_tree, "curvature_fraction")
+      program = self.sliced_program(flat_params, flat_args, args_tree, "curvature_fraction")
     return {
-        "curvature": jax.tree_util.Partial(functools.partial(self._curvature_gram, program),
+        "curvature": jax.tree_util.Partial(self._bound(curvature.gram, program),
                                            flat_params, flat_args),
-        "loss_at": jax.tree_util.Partial(functools.partial(self._loss_at, program),
+        "loss_at": jax.tree_util.Partial(self._bound(curvature.loss_at, program),
                                          flat_params, flat_args),
     }
+
+  def _bound(self, function: Callable[..., Any], program: tracing.Program
+             ) -> Callable[..., Any]:
+    """`function` with this estimator and `program` bound, one object per pair.
+
+    A `Partial`'s function is static: the same object for the same program
+    keeps a jitted `tx.update` from tracing again at each call.
+    """
+    key = (function, id(program))
+    if key not in self._bound_functions:
+      self._bound_functions[key] = functools.partial(function, self, program)
+    return self._bound_functions[key]
 
   def _subset(self, program: tracing.Program, flat_args: list[Array], args_tree: Any,
               fraction: float, option: str) -> list[Array]:
     """The first `fraction` of the batch, sliced along the batch axes."""
-    n = _batch_size(program, option)
-    return _sliced(flat_args, self._flat_batch_axes(flat_args, args_tree, n),
-                   max(1, int(round(n * fraction))))
+    n = batching.batch_size(program, option)
+    axes = batching.leaf_axes(self.batch_axes, flat_args, args_tree, n)
+    return batching.sliced(flat_args, axes, max(1, int(round(n * fraction))))
 
-  def _flat_batch_axes(self, flat_args: list[Any], args_tree: Any, n: int
-                       ) -> list[Optional[int]]:
-    """Per argument leaf, its batch axis (None: not batched).
+  def sliced_program(self, flat_params: list[Array], flat_args: list[Array],
+                     args_tree: Any, option: str) -> tracing.Program:
+    """The traced program of a slice of the batch.
 
-    The `batch_axes` given at set-up, or by default axis 0 of every leaf
-    whose leading size is the batch size `n`.
+    Args:
+      flat_params: the parameters' leaves.
+      flat_args: the sliced batch's leaves (arrays or shapes).
+      args_tree: their structure.
+      option: what slices the batch, for the error message.
+
+    Returns:
+      The program (traced on first use, then cached by shapes).
+
+    Raises:
+      ValueError: the user's loss function failed on the sliced arguments;
+        the message names `batch_argnums` and `batch_axes`.
     """
-    if self.batch_axes is None:
-      return [0 if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == n else None for a in flat_args]
-    args = jax.tree.unflatten(args_tree, flat_args)
-    axes = _broadcast_axes(self.batch_axes, args)
-    for a, axis in zip(flat_args, axes):
-      if axis is not None and not (-jnp.ndim(a) <= axis < jnp.ndim(a)
-                                   and jnp.shape(a)[axis] == n):
-        raise ValueError(
-            f"batch_axes: an argument of shape {jnp.shape(a)} is said to be batched along "
-            f"axis {axis}, but the batch has {n} examples (the losses' predictions' "
-            "leading size). Give each batched argument's example axis, None for the "
-            "others.")
-    return [None if axis is None else axis % jnp.ndim(a) for a, axis in zip(flat_args, axes)]
-
-  def _subset_program(self, flat_params: list[Array], flat_args: list[Array],
-                      args_tree: Any, option: str) -> tracing.Program:
-    """The program of a slice of the batch; a failure to trace it names `batch_axes`."""
     try:
       return self._program(flat_params, flat_args, args_tree)
     except Exception as e:  # an error from inside the user's model, on the sliced arguments
@@ -622,36 +455,13 @@ class Estimator:
           "params) or batch_axes=(None, 0, 0) (vmap-style axes).") from e
 
   def table(self) -> str:
-    """The layer table: what every parameter is, and its factor shapes.
+    """The layer table (`jkfac.layer_table.table`).
 
     Returns:
-      Printable text: one row per layer (index, name, block kind, parameters,
-      factors, how it was found), then the losses, the parameters left to
-      the diagonal fallback block, and the block-tridiagonal chains if any.
+      Printable text: a row per layer, then the losses, the fallbacks and
+      the block-tridiagonal chains.
     """
-    rows = [("#", "layer", "kind", "parameters", "factors", "how")]
-    for i, layer in enumerate(self.layers):
-      params = ", ".join(f"{p.role or 'param'} {p.shape}" for p in layer.params)
-      rows.append((str(i), layer.name, layer.kind, params,
-                   blocks.for_layer(layer).describe(layer), layer.note))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = [f"jkfac estimator (mode={self.mode!r}): {len(self.layers)} layers, "
-             f"{len(self.losses)} loss(es)"]
-    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
-              for r in rows]
-    for loss in self.losses:
-      lines.append(f"  loss: {loss.distribution}, prediction {loss.prediction_shape}, "
-                   f"weight {loss.weight:g}"
-                   + (f", masked over {loss.term_shape}" if loss.masked else ""))
-    fallback = [l for l in self.layers if l.kind == "diagonal"]
-    if fallback:
-      lines.append("  parameters left to the diagonal fallback block:")
-      lines += [f"    {l.name} {l.params[0].shape}: {l.note}" for l in fallback]
-    else:
-      lines.append("  no parameter is left to a fallback block.")
-    if self.chains:
-      lines.append(tridiagonal.describe(self.layers, self.chains))
-    return "\n".join(lines)
+    return layer_table.table(self.layers, self.losses, self.mode, self.chains)
 
   def __str__(self) -> str:
     return self.table()
@@ -667,81 +477,6 @@ def _raised_by_jkfac(error: BaseException) -> bool:
     frame = frame.tb_next
   return frame is not None and os.path.dirname(frame.tb_frame.f_code.co_filename) in (
       os.path.dirname(__file__), os.path.dirname(blocks.__file__))
-
-
-def _term_weights(loss: tracing.Loss, mask: Optional[Array]) -> Optional[Array]:
-  """A masked loss's term weights scaled to mean 1: `mask * terms / sum(mask)`.
-
-  With them, the loss `sum(mask * nll) / sum(mask)` is the mean over its
-  terms of `weight * nll`, and its curvature the same mean of the terms'
-  curvatures; all zero when every term is masked.
-  """
-  if mask is None:
-    return None
-  return mask * (loss.num_examples / losses.mask_total(mask))
-
-
-def _over_outputs(weights: Array, ndim: int) -> Array:
-  """Term weights with size-1 axes appended, to scale arrays of `ndim` axes."""
-  return weights.reshape(weights.shape + (1,) * (ndim - weights.ndim))
-
-
-def _row_side_weights(registered: Sequence[tracing.Loss],
-                      weights: Sequence[Optional[Array]]) -> Optional[Array]:
-  """The weights of the input-side statistics' rows, from the losses' term weights.
-
-  None when no loss is masked. With one term shape, the losses' weights
-  averaged by their coefficients; with several, each reduced to the
-  examples (the mean over a term's positions) first. The blocks line them
-  up with their rows (`blocks.base.row_weights`).
-  """
-  if all(w is None for w in weights):
-    return None
-  full = [jnp.ones(l.term_shape) if w is None else w for l, w in zip(registered, weights)]
-  if len({w.shape for w in full}) > 1:
-    full = [jnp.mean(w.reshape(w.shape[0], -1), axis=1) for w in full]
-    if len({w.shape for w in full}) > 1:
-      return None
-  coefficients = [l.weight for l in registered]
-  if not sum(coefficients):
-    coefficients = [1.0] * len(full)
-  return sum(c / sum(coefficients) * w for c, w in zip(coefficients, full))
-
-
-def _check_batch_axes(batch_axes: Any, args: Sequence[Any]) -> Any:
-  """`batch_axes` as one vmap-style entry per argument (None: the default rule)."""
-  if batch_axes is None:
-    return None
-  if isinstance(batch_axes, int) or not isinstance(batch_axes, (tuple, list)):
-    batch_axes = (batch_axes,) * len(args)
-  batch_axes = tuple(batch_axes)
-  if len(batch_axes) != len(args):
-    raise ValueError(
-        f"batch_axes has {len(batch_axes)} entries, but the loss function has "
-        f"{len(args)} argument(s) after params. Give one entry per argument (an axis, "
-        "None for an unbatched one, or a pytree of them), as jax.vmap's in_axes.")
-  try:
-    _broadcast_axes(batch_axes, tuple(args))
-  except ValueError as e:
-    raise ValueError(f"batch_axes {batch_axes} is not a prefix of the arguments' "
-                     f"structure: {e}") from e
-  return batch_axes
-
-
-def _broadcast_axes(batch_axes: tuple[Any, ...], args: Any) -> list[Optional[int]]:
-  """Per leaf of `args`, its axis from the prefix pytree `batch_axes`."""
-  unbatched = object()
-  spec = jax.tree.map(lambda a: unbatched if a is None else a, batch_axes,
-                      is_leaf=lambda a: a is None)
-  full = jax.tree.map(lambda axis, sub: jax.tree.map(lambda _: axis, sub), spec, tuple(args))
-  return [None if a is unbatched else a
-          for a in jax.tree.leaves(full, is_leaf=lambda a: a is unbatched)]
-
-
-def _sliced(flat_args: list[Array], axes: Sequence[Optional[int]], size: int) -> list[Array]:
-  """The first `size` examples of every batched argument leaf."""
-  return [a if axis is None else jax.lax.slice_in_dim(a, 0, size, axis=axis)
-          for a, axis in zip(flat_args, axes)]
 
 
 def _all_concrete_arrays(tree: Any) -> bool:
@@ -813,15 +548,6 @@ def resolve_factor_dtype(factor_dtype: Any, param_dtypes: Sequence[Any]) -> Any:
         "jax.config.update('jax_enable_x64', True) at start-up (or set "
         "JAX_ENABLE_X64=1), or use factor_dtype=jnp.float32.")
   return dtype
-
-
-def _batch_size(program: tracing.Program, what: str) -> int:
-  sizes = {loss.prediction_shape[0] for loss in program.losses}
-  if len(sizes) != 1:
-    raise ValueError(f"{what} needs one batch size, but the losses' predictions have "
-                     f"leading dimensions {sorted(sizes)}. Give every loss one "
-                     "prediction per example of the batch (the same leading size).")
-  return sizes.pop()
 
 
 def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = "fisher",

@@ -24,7 +24,8 @@ from typing_extensions import TypeAliasType
 from jkfac import (adaptive, blocks, distributed, linalg, sharding, state_layout, tridiagonal,
                    trust_region)
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model, value_at
-from jkfac.estimator import Estimator, Statistics
+from jkfac.estimator import Estimator
+from jkfac.statistics import Statistics
 
 Array = jax.Array
 STRUCTURES = ("block_diagonal", "block_tridiagonal")
