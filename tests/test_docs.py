@@ -57,9 +57,9 @@ def test_every_public_module_and_notebook_has_a_page(site):
       sorted(modules)
   for name in modules:
     assert (site / "reference" / name / "index.html").is_file(), name
-  transform = (site / "reference" / "jkfac.transform" / "index.html").read_text(
+  page = (site / "reference" / "jkfac.preconditioner" / "index.html").read_text(
       encoding="utf-8")
-  assert 'id="jkfac.transform.scale_by_kfac"' in transform and "shard_state" in transform
+  assert 'id="jkfac.preconditioner.scale_by_kfac"' in page and "shard_state" in page
   for notebook in sorted((REPO_ROOT / "examples").glob("*.ipynb")):
     assert (site / "examples" / notebook.stem / "index.html").is_file(), notebook.name
     assert f"examples/{notebook.name}" in (REPO_ROOT / "docs" / "index.md").read_text()

@@ -9,11 +9,12 @@ from jkfac.estimator import Estimator, estimator
 from jkfac.losses import (register_bernoulli_predictive, register_categorical_predictive,
                           register_gaussian_predictive, sigmoid_cross_entropy,
                           softmax_cross_entropy, squared_error)
+from jkfac.preconditioner import ScaleByKFACState, scale_by_kfac
 from jkfac.schedules import growing_batch_size, growing_batch_sizes
 from jkfac.statistics import Statistics
 from jkfac.tags import register_conv, register_dense, register_scale_and_shift
 from jkfac.tracing import Layer, Param
-from jkfac.transform import KFACState, ScaleByKFACState, kfac, scale_by_kfac
+from jkfac.transform import KFACState, kfac
 from jkfac.trust_region import KLClipState, scale_by_kl_clip
 
 __version__ = "0.1.0"

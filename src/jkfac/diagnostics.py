@@ -20,7 +20,8 @@ import optax
 
 from jkfac import state_layout
 from jkfac.estimator import Estimator
-from jkfac.transform import KFACState, ScaleByKFACState
+from jkfac.preconditioner import ScaleByKFACState
+from jkfac.transform import KFACState
 from jkfac.trust_region import KLClipState
 
 Array = jax.Array

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -31,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkfac import (blocks, curvature, interpret, layer_table, losses, per_example, sharding,
-                   term_weights, tracing, trees, tridiagonal)
+from jkfac import (blocks, cotangents, curvature, interpret, layer_table, per_example,
+                   sharding, term_weights, tracing, trees, tridiagonal)
 from jkfac import batch_axes as batching
 from jkfac.statistics import Statistics
 from jkfac.blocks import dense
@@ -152,15 +151,16 @@ class Estimator:
       stats_args = self._subset(program, flat_args, args_tree, self.stats_fraction,
                                 "stats_fraction")
       stats_program = self.sliced_program(flat_params, stats_args, args_tree,
-                                           "stats_fraction")
+                                          "stats_fraction")
       _, _, inputs, preds, targets, backward = self._forward(
           stats_program, flat_params, stats_args, with_grads=False)
     targets, masks = [t for t, _ in targets], [m for _, m in targets]
     weights = [term_weights.term_weights(l, m) for l, m in zip(stats_program.losses, masks)]
-    cotangents = self._cotangents(stats_program, preds, targets, weights, rng)
-    output_grads = backward(cotangents)
-    moments = per_example.gradient_moments(self, stats_program, flat_params, stats_args, args_tree,
-                                     cotangents)
+    cots = cotangents.cotangents(stats_program, preds, targets, weights, rng, self.mode,
+                                 self.fisher_samples)
+    output_grads = backward(cots)
+    moments = per_example.gradient_moments(self, stats_program, flat_params, stats_args,
+                                           args_tree, cots)
     factors = self._factors(stats_program.uses, inputs, output_grads, moments,
                             term_weights.row_side_weights(stats_program.losses, weights))
     value = (loss, aux) if self.has_aux else loss
@@ -261,41 +261,6 @@ class Estimator:
       return jax.vmap(pullback)(cotangents)
 
     return (loss, aux), grads, inputs, preds, targets, backward
-
-  def _cotangents(self, program: tracing.Program, preds: list[Array],
-                  targets: list[Array], weights: list[Optional[Array]],
-                  rng: Optional[Array]) -> list[Array]:
-    """Per loss, the curvature pass's cotangents, shape `(K, *prediction)`.
-
-    A masked loss's cotangents are scaled term by term by the square root of
-    the term's weight (`term_weights.term_weights`), so that the output-side factors are
-    the weighted means of the loss.
-    """
-    cots = []
-    for index, (loss, pred, target, weight) in enumerate(
-        zip(program.losses, preds, targets, weights)):
-      dist = losses.DISTRIBUTIONS[loss.distribution]
-      pred = jax.lax.stop_gradient(pred)
-      scale = math.sqrt(loss.weight / loss.num_examples)
-      if self.mode == "empirical":
-        cot = dist.nll_grad(pred, target)[None]
-      elif self.mode == "exact":
-        cot = dist.fisher_sqrt(pred)
-      else:
-        keys = jax.random.split(jax.random.fold_in(rng, index), self.fisher_samples)
-        cot = jax.vmap(lambda k: dist.nll_grad(pred, dist.sample(k, pred)))(keys)
-        scale /= math.sqrt(self.fisher_samples)
-      if weight is not None:
-        cot = cot * term_weights.over_outputs(jnp.sqrt(weight), pred.ndim).astype(cot.dtype)
-      cots.append((scale * cot).astype(pred.dtype))
-    if self.mode == "exact" and len(cots) > 1:  # one backward pass per column, per loss
-      total = sum(c.shape[0] for c in cots)
-      offsets = itertools.accumulate([0] + [c.shape[0] for c in cots])
-      cots = [jnp.zeros((total,) + c.shape[1:], c.dtype).at[o:o + c.shape[0]].set(c)
-              for c, o in zip(cots, offsets)]
-    return cots
-
-  # --- helpers --------------------------------------------------------------
 
   def check_params(self, params: Any, where: str) -> list[Array]:
     """Flattens `params`, checking them against the set-up structure.

@@ -1,424 +1,30 @@
 # Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
-"""The K-FAC preconditioner as an optax transform, and the whole optimizer.
+"""The whole K-FAC optimizer: `kfac`.
 
-`scale_by_kfac` keeps exponential moving averages of each layer's factors,
-recomputes their damped inverses every `inverse_every` updates inside the
-compiled step (`lax.cond` on the step count: one compilation, no Python
-branching), and preconditions each layer's gradient. `kfac` chains it with
-momentum and the learning rate, like optax's aliases.
+`scale_by_kfac` (`jkfac.preconditioner`) chained with momentum and the
+learning rate, like optax's aliases: fixed, inside the KL trust region
+(`jkfac.trust_region`), or chosen at each step by the quadratic model
+(`jkfac.adaptive`) with Levenberg-Marquardt damping.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
-from typing_extensions import TypeAliasType
 
-from jkfac import (adaptive, blocks, distributed, linalg, sharding, state_layout, tridiagonal,
-                   trust_region)
+from jkfac import adaptive, linalg, options, trust_region
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model, value_at
 from jkfac.estimator import Estimator
+from jkfac.options import ScalarOrSchedule
+from jkfac.preconditioner import (ScaleByKFACState, check_stats, compiled_when_eager,
+                                  scale_by_kfac)
 from jkfac.statistics import Statistics
 
 Array = jax.Array
-STRUCTURES = ("block_diagonal", "block_tridiagonal")
-ScalarOrSchedule = TypeAliasType("ScalarOrSchedule", Union[float, Array, optax.Schedule])
-"""A number, a scalar `jax.Array`, or an optax schedule (a function of the step count)."""
-
-
-class ScaleByKFACState(NamedTuple):
-  """State of `scale_by_kfac`.
-
-  Attributes:
-    count: updates made so far (int32).
-    factors: layer name -> moving averages of its factors.
-    inverses: layer name -> what its block needs to precondition (damped
-      inverses, π), from the last refresh.
-    damping: the damping λ in use at the last refresh.
-    skipped: updates whose statistics were not finite and were left out of
-      the moving averages (int32).
-    nonfinite_grads: updates whose gradient was not finite (int32); the
-      preconditioned update is then not finite either (`kfac` replaces it by
-      a zero step; `optax.apply_if_finite` skips it).
-    failed_refreshes: inverse refreshes whose result was not finite (a
-      factorisation that failed or overflowed) and that kept the previous
-      inverses instead (int32).
-    last_refresh: the update count at the last successful refresh (int32;
-      the inverses in use were computed from the factors of that update).
-  """
-  count: Array
-  factors: dict[str, dict[str, Array]]
-  inverses: dict[str, dict[str, Array]]
-  damping: Array
-  skipped: Array
-  nonfinite_grads: Array
-  failed_refreshes: Array
-  last_refresh: Array
-
-
-def _python_number(value: Any) -> Optional[float]:
-  """`value` as a float when it is a concrete number (not None, a schedule or a tracer)."""
-  if value is None or callable(value) or isinstance(value, jax.core.Tracer):
-    return None
-  return float(value)
-
-
-def _check_numbers(checks: list[tuple[Any, Callable[[float], bool], str]]) -> None:
-  """Raises `message.format(value)` for the first concrete `value` not `ok`."""
-  for value, ok, message in checks:
-    number = _python_number(value)
-    if number is not None and not ok(number):
-      raise ValueError(message.format(value))
-
-
-def _initial_value(value: Any) -> Optional[float]:
-  """A number, or a schedule's value at update 0, as a float (None if traced)."""
-  if callable(value):
-    value = value(jnp.zeros([], jnp.int32))
-  return _python_number(value)
-
-
-def _check_estimator(est: Any, where: str) -> None:
-  if not isinstance(est, Estimator):
-    raise TypeError(f"{where}: est must be the estimator made by jkfac.estimator, got "
-                    f"{type(est).__name__}. Build it first: est = jkfac.estimator(loss_fn, "
-                    f"params, *batch), then jkfac.{where}(est, ...).")
-
-
-def _check_state(state: Any, expected: type, where: str) -> None:
-  if not isinstance(state, expected):
-    raise TypeError(f"{where}: the state is a {type(state).__name__}, not this transform's "
-                    f"{expected.__name__}. Pass the state this optimizer made: "
-                    "opt_state = tx.init(params), then opt_state from its previous update.")
-
-
-def _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method) -> None:
-  if inverse_method not in linalg.METHODS:
-    raise ValueError(f"inverse_method must be one of {linalg.METHODS}, got {inverse_method!r}: "
-                     "'cholesky' (the default, fastest) or 'eigh' (eigendecompositions).")
-  lam = _initial_value(damping)
-  if lam is not None and not lam > 0.0:
-    got = f"a schedule whose value at update 0 is {lam}" if callable(damping) else damping
-    raise ValueError(f"damping must be positive, got {got}. It is the λ of (F + λI); try "
-                     "1e-3 and adjust (jkfac.kfac can adapt it), and keep a schedule's "
-                     "values positive.")
-  _check_numbers([
-      (decay, lambda v: 0.0 <= v < 1.0, "decay must be in [0, 1), got {}. It is the "
-       "moving averages' ε: try 0.95 (the default); 0 uses each batch alone, 1 would "
-       "never update the factors."),
-      (inverse_every, lambda v: v >= 1 and v == int(v),
-       "inverse_every must be a positive integer, got {}: the inverses are recomputed "
-       "every this many updates; try 20 (the default), or 1 for every update."),
-      (inverse_warmup, lambda v: v >= 0 and v == int(v),
-       "inverse_warmup must be a non-negative integer, got {}: the number of first "
-       "updates that all recompute the inverses; try 3 (the default) or 0."),
-  ])
-
-
-def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0.95,
-                  inverse_every: int = 20, inverse_warmup: int = 3,
-                  inverse_method: str = "cholesky", structure: str = "block_diagonal",
-                  axis_name: Optional[str] = None, spread_inverses: bool = True,
-                  mesh: Optional[jax.sharding.Mesh] = None, shard_state: bool = False
-                  ) -> optax.GradientTransformationExtraArgs:
-  """Preconditions gradients with the Kronecker-factored Fisher inverse.
-
-  Martens & Grosse (2015): section 4.2 (block-diagonal inverse), section 5
-  (moving averages), section 6.3 (factored Tikhonov damping with π). No
-  learning rate, momentum or clipping: chain those (or use `kfac`).
-
-  `update(grads, state, params, *, stats)` takes the `stats` returned by the
-  estimator with the same batch; an optional `damping_now=` overrides the
-  damping (`kfac` passes its Levenberg-Marquardt λ this way) and
-  `refresh_now=True` forces an inverse refresh.
-
-  Args:
-    est: the estimator (`jkfac.estimator`) whose statistics this consumes.
-    damping: λ, a positive float or an optax schedule of the update count.
-      Each Kronecker block is damped as `(A + π√λ I) ⊗ (G + √λ/π I)`, each
-      diagonal block as `diag + λ`. The value at a refresh is used until the
-      next one.
-    decay: moving-average decay: `X ← ε X + (1 - ε) X_batch` with
-      `ε = min(1 - 1/k, decay)` at the k-th update, so the first uses the
-      batch alone.
-    inverse_every: recompute the damped inverses every this many updates.
-    inverse_warmup: also recompute them at each of the first this many
-      updates, while the averages still change fast (the paper does this).
-    inverse_method: `"cholesky"` (the default, fastest) or `"eigh"` (a
-      symmetric eigendecomposition); see `jkfac.linalg.damped_inverse`.
-    structure: `"block_diagonal"` (section 4.2) or `"block_tridiagonal"`
-      (section 4.3, `jkfac.tridiagonal`): chains of consecutive dense layers
-      applied to `(batch, features)` get the tridiagonal inverse, the other
-      layers stay block-diagonal (`print(est)` lists both). It makes the
-      estimator also compute the chains' cross moments: build the transform
-      before tracing the training step.
-    axis_name: under `pmap` (or `shard_map`), the mapped axis. Each device
-      keeps moving averages of its own statistics; since they are linear,
-      they are averaged across devices only when the inverses are refreshed
-      (the state's `factors` are each device's own). The gradients are
-      yours to average, as with any optax transform.
-    spread_inverses: with `axis_name` or `mesh`, each device computes the
-      inverses of a share of the layers balanced by cubic cost, and the
-      results are gathered (`jkfac.distributed.spread`), instead of every
-      device computing all of them.
-    mesh: under `jit` with the batch sharded over a `jax.sharding.Mesh` (no
-      `axis_name` needed: the statistics are already those of the whole
-      batch), the mesh whose devices share the inverse work, through a
-      `shard_map` over all its axes at each refresh.
-    shard_state: with `mesh`, split the state's factors and inverses over
-      all the mesh's devices (each holds 1/D of them, padded to an even
-      split: `jkfac.state_layout`; ZeRO's optimizer-state sharding) instead
-      of every device holding them whole. Each update then gathers the
-      inverses to precondition, and each refresh the factors; the updates
-      are the same. For models whose factors crowd the devices' memory.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`.
-  """
-  _check_estimator(est, "scale_by_kfac")
-  _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method)
-  if structure not in STRUCTURES:
-    raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}.")
-  if shard_state and (mesh is None or axis_name is not None):
-    raise ValueError("shard_state=True splits the state over the devices of `mesh` under "
-                     "sharded jit: pass mesh=jax.make_mesh(...) (the mesh the step runs "
-                     "on), without axis_name (under pmap/shard_map the state is already "
-                     "per device).")
-  stored_on = mesh if shard_state else None
-  chains = est.request_cross_moments() if structure == "block_tridiagonal" else ()
-  chain_layers = [[est.layers[i] for i in chain] for chain in chains]
-  in_chain = {layer.name for chain in chain_layers for layer in chain}
-  layers = [layer for layer in est.layers if layer.name not in in_chain]
-  block_of = {layer.name: blocks.for_layer(layer) for layer in layers}
-
-  def owned(present: tuple[bool, ...], where: str) -> set[str]:
-    """The names of the layers whose parameters a (partitioned) pytree holds."""
-    names = set()
-    for group in [[layer] for layer in layers] + chain_layers:
-      held = [present[p.index] for layer in group for p in layer.params]
-      if all(held):
-        names.update(layer.name for layer in group)
-      elif any(held):
-        what = (f"layer {group[0].name!r}" if len(group) == 1 else
-                "the block-tridiagonal chain " + ", ".join(repr(l.name) for l in group))
-        raise ValueError(
-            f"{where}: {what} has parameters both inside and outside this transform's "
-            "partition (optax.multi_transform, partition or masked): K-FAC "
-            "preconditions a layer's parameters together. Label all of a layer's "
-            "parameters alike" + ("." if len(group) == 1 else
-                                  ", or use structure='block_diagonal'."))
-    return names
-
-  def init_fn(params: Any) -> ScaleByKFACState:
-    where = "scale_by_kfac.init(params)"
-    params_view, leaves = est.align(params, where, partial=True)
-    names = owned(params_view.present, where)
-    traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
-    factor_shapes, inverse_shapes = logical_shapes(names)
-    damping0 = value_at(damping, jnp.zeros([], jnp.int32)).astype(est.factor_dtype)
-    zero = jnp.zeros([], jnp.int32)
-    return ScaleByKFACState(zero, _zeros(factor_shapes, traced, stored_on),
-                            _zeros(inverse_shapes, traced, stored_on), damping0, zero, zero,
-                            zero, zero)
-
-  def logical_shapes(names: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The factors' and inverses' shapes of the layers `names`, unpadded."""
-    factor_shapes = {name: shapes for name, shapes in jax.eval_shape(est.zero_factors).items()
-                     if name in names}
-    lam = jax.ShapeDtypeStruct((), est.factor_dtype)
-    return factor_shapes, jax.eval_shape(_inverses, factor_shapes, lam)
-
-  def _inverses(factors, lam, spread_over=None):
-    # Work items: a layer, a chain, or, spread over D devices, a stack's layers
-    # in up to D contiguous pieces (so that one deep stack is shared out too).
-    devices = 1 if spread_over is None else distributed.axis_size(spread_over)
-    items = []  # (owners, piece of the stack or None, function)
-    for layer in layers:
-      if layer.name in factors:
-        for piece in _stack_pieces(layer.stack, devices):
-          items.append(([layer], piece, lambda layer=layer, piece=piece: [
-              _layer_inverse(layer, factors[layer.name], lam, piece)]))
-    items += [(chain, None, lambda chain=chain: tridiagonal.inverses(
-        [factors[l.name] for l in chain], lam, inverse_method))
-              for chain in chain_layers if chain[0].name in factors]
-    functions = [f for _, _, f in items]
-    if spread_over is not None:
-      costs = [distributed.cubic_cost([_piece_of(factors[l.name], piece) for l in owners])
-               for owners, piece, _ in items]
-      results = distributed.spread(functions, costs, spread_over)
-    else:
-      results = [f() for f in functions]
-    pieces: dict[str, list[Any]] = {}
-    for (owners, _, _), result in zip(items, results):
-      for l, inv in zip(owners, result):
-        pieces.setdefault(l.name, []).append(inv)
-    return {name: parts[0] if len(parts) == 1 else
-            jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
-            for name, parts in pieces.items()}
-
-  def _layer_inverse(layer, layer_factors, lam, piece):
-    """A layer's inverses, or those of the stack's layers `piece` = (start, stop)."""
-    if piece is None:
-      return block_of[layer.name].inverse(layer, layer_factors, lam, inverse_method)
-    part = dataclasses.replace(layer, stack=(piece[1] - piece[0],) + layer.stack[1:])
-    return blocks.for_layer(part).inverse(part, _piece_of(layer_factors, piece), lam,
-                                          inverse_method)
-
-  def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,
-                stats: Optional[Statistics] = None, damping_now: Optional[Array] = None,
-                refresh_now: Any = False, **unused_extra_args):
-    where = "scale_by_kfac.update(grads, ...)"
-    _check_state(state, ScaleByKFACState, "scale_by_kfac.update")
-    batch = _check_stats(stats, est, state.factors)
-    grads_view, flat_grads = est.align(updates, where, partial=True)
-    if owned(grads_view.present, where) != set(state.factors):
-      raise ValueError(
-          f"{where}: the gradient holds other parameters than those given to "
-          "scale_by_kfac.init (optax.MaskedNode in other places). Pass the same "
-          "partition of the parameters to init and update.")
-    count = optax.safe_int32_increment(state.count)
-    epsilon = jnp.minimum(1.0 - 1.0 / count.astype(est.factor_dtype), decay)
-    finite = linalg.all_finite(batch)
-    if axis_name is not None:  # every device skips the same batches
-      finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
-    factor_shapes, inverse_shapes = (logical_shapes(state.factors) if stored_on is not None
-                                     else (state.factors, state.inverses))
-    factors = state_layout.keep(jax.tree.map(
-        lambda old, new: jnp.where(finite, epsilon * old + (1.0 - epsilon) * new, old),
-        state.factors, state_layout.store(batch, stored_on)), factor_shapes, stored_on)
-    lam = value_at(damping if damping_now is None else damping_now,
-                   state.count).astype(est.factor_dtype)
-    refresh = (state.count % inverse_every == 0) | (state.count < inverse_warmup) | refresh_now
-
-    def recompute(_):
-      whole = state_layout.load(factors, factor_shapes)
-      if axis_name is not None:
-        fresh = _inverses(jax.lax.pmean(whole, axis_name), lam,
-                          axis_name if spread_inverses else None)
-      elif mesh is not None and spread_inverses:
-        axes = tuple(mesh.axis_names)
-        fresh = jax.shard_map(lambda f, l: _inverses(f, l, axes), mesh=mesh,
-                              in_specs=(P(), P()), out_specs=P(),
-                              check_vma=False)(whole, lam)
-      else:
-        fresh = _inverses(whole, lam)
-      ok = linalg.all_finite(fresh)
-      fresh = state_layout.store(fresh, stored_on)
-      return jax.lax.cond(ok, lambda: (fresh, lam, count, state.failed_refreshes),
-                          lambda: (state.inverses, state.damping, state.last_refresh,
-                                   state.failed_refreshes + 1))
-
-    inverses, used_damping, last_refresh, failed_refreshes = jax.lax.cond(
-        refresh, recompute, lambda _: (state.inverses, state.damping, state.last_refresh,
-                                       state.failed_refreshes), None)
-    inverses = state_layout.keep(inverses, inverse_shapes, stored_on)
-    whole_inverses = state_layout.load(inverses, inverse_shapes)
-    # Under Explicit axes, sharded gradients (FSDP) are gathered for the
-    # layer's products with its replicated inverses; updates sharded as they were.
-    new_flat = list(flat_grads)
-    gathered = lambda layer: [sharding.gathered(flat_grads[p.index]) for p in layer.params]
-    for layer in layers:
-      if layer.name not in factors:
-        continue
-      preconditioned = block_of[layer.name].precondition(layer, whole_inverses[layer.name],
-                                                         gathered(layer))
-      for p, g in zip(layer.params, preconditioned):
-        new_flat[p.index] = sharding.like(g, flat_grads[p.index])
-    for chain in chain_layers:
-      if chain[0].name not in factors:
-        continue
-      preconditioned = tridiagonal.precondition_layers(
-          chain, [whole_inverses[l.name] for l in chain],
-          [gathered(layer) for layer in chain])
-      for layer, layer_grads in zip(chain, preconditioned):
-        for p, g in zip(layer.params, layer_grads):
-          new_flat[p.index] = sharding.like(g, flat_grads[p.index])
-    new_updates = grads_view.rebuild(new_flat)
-    new_state = ScaleByKFACState(
-        count, factors, inverses, used_damping, state.skipped + (~finite).astype(jnp.int32),
-        state.nonfinite_grads + (~linalg.all_finite(flat_grads)).astype(jnp.int32),
-        failed_refreshes, last_refresh)
-    return new_updates, new_state
-
-  return _compiled_when_eager(optax.GradientTransformationExtraArgs(init_fn, update_fn))
-
-
-def _compiled_when_eager(tx: optax.GradientTransformationExtraArgs
-                         ) -> optax.GradientTransformationExtraArgs:
-  """`tx`, its update run as one compiled program when called outside `jit`.
-
-  Called eagerly (concrete arrays, as in a notebook's loop or nnx's eager
-  `optimizer.update`), the update would otherwise dispatch and compile each
-  of its hundreds of operations on its own; inside `jit`, or with an extra
-  argument that is not an array (a callable), it runs as written.
-  """
-  compiled = jax.jit(tx.update)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    leaves = jax.tree.leaves((updates, state, params, extra_args))
-    if all(isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
-           for x in leaves):
-      return compiled(updates, state, params, **extra_args)
-    return tx.update(updates, state, params, **extra_args)
-
-  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
-
-
-def _stack_pieces(stack: tuple[int, ...], devices: int) -> list[Optional[tuple[int, int]]]:
-  """A stack's layers in up to `devices` contiguous pieces; `[None]` for no split."""
-  if not stack or devices == 1 or stack[0] == 1:
-    return [None]
-  count = min(stack[0], devices)
-  bounds = [round(i * stack[0] / count) for i in range(count + 1)]
-  return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _piece_of(tree: Any, piece: Optional[tuple[int, int]]) -> Any:
-  """The stack's layers `piece` of a stacked layer's factors (all of them for None)."""
-  return tree if piece is None else jax.tree.map(lambda x: x[piece[0]:piece[1]], tree)
-
-
-def _zeros(shapes: Any, traced: bool, mesh: Optional[jax.sharding.Mesh]) -> Any:
-  """Zero arrays as the state stores them (split over `mesh` if given); made on
-  the host outside `jit` (no kernel compiled per shape)."""
-  if traced:
-    return state_layout.store(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), mesh)
-  if mesh is not None:
-    return state_layout.zeros(shapes, mesh)
-  return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
-
-
-def _check_stats(stats: Any, est: Estimator, factors: dict[str, Any]) -> dict[str, Any]:
-  """Checks `stats`; returns their factors of the layers the state keeps."""
-  if stats is None:
-    raise ValueError(
-        "scale_by_kfac.update needs the curvature statistics of this batch: call "
-        "tx.update(grads, opt_state, params, stats=stats) with the stats returned "
-        "by `loss, grads, stats = est(params, batch, rng=key)`.")
-  if not isinstance(stats, Statistics):
-    raise TypeError(f"stats must be the Statistics returned by the estimator, got "
-                    f"{type(stats).__name__}: pass the third value of `loss, grads, stats = "
-                    "est(params, batch, rng=key)` as tx.update(..., stats=stats).")
-  if stats.estimator_id != est.id:
-    raise ValueError(
-        f"stats come from another estimator (id {stats.estimator_id}) than the one "
-        f"this transform was built with (id {est.id}). Build the optimizer with the "
-        "estimator you call in the training step: jkfac.kfac(est, ...).")
-  batch = {name: stats.factors.get(name) for name in factors}
-  if jax.tree.structure(batch) != jax.tree.structure(factors):
-    raise ValueError(
-        "stats do not have the factors this transform keeps. A transform with "
-        "structure='block_tridiagonal' needs cross moments the estimator computes only "
-        "once such a transform is built: build the optimizer before tracing (jitting) "
-        "the training step, and the optimizer state with tx.init after that.")
-  return batch
 
 
 class KFACState(NamedTuple):
@@ -575,8 +181,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
-  _check_estimator(est, "kfac")
-  _check_numbers([
+  options.check_estimator(est, "kfac")
+  options.check_numbers([
       (momentum, lambda v: 0 <= v < 1, "momentum must be in [0, 1), got {}: the decay of "
        "the previous update; try 0.9, 0 for none, or None to choose it by the quadratic "
        "model."),
@@ -596,12 +202,12 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   fixed_step = learning_rate is not None and momentum is not None
   if damping is None:
     damping = FIXED_DAMPING if fixed_step else ADAPTIVE_DAMPING
-  rate = _initial_value(learning_rate) if learning_rate is not None else None
+  rate = options.initial_value(learning_rate) if learning_rate is not None else None
   if rate is not None and not rate >= 0:
     raise ValueError(f"learning_rate must be non-negative, got {learning_rate}: kfac "
                      "negates it itself, like optax's aliases; pass a positive step size "
                      "(e.g. 0.1), or None to choose it by the quadratic model.")
-  lam = _initial_value(damping)
+  lam = options.initial_value(damping)
   if lam is not None and not lam >= 0:
     raise ValueError(f"damping must be positive, got {damping}: it is the λ of "
                      "(F + λI), l2_reg is added to it; try 1e-3 (or 1.0, the default, "
@@ -628,12 +234,12 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     fixed = optax.chain(
         preconditioner,
         clip or optax.identity(),
-        optax.trace(decay=momentum, nesterov=nesterov) if _python_number(momentum) != 0
+        optax.trace(decay=momentum, nesterov=nesterov) if options.python_number(momentum) != 0
         else optax.identity(),
         optax.scale_by_learning_rate(learning_rate))
     if clip is not None:  # the trust region reads the gradient Δ came from
       fixed = _passing_grads(fixed)
-    return _compiled_when_eager(_zero_step_if_not_finite(fixed) if skip_non_finite else fixed)
+    return compiled_when_eager(_zero_step_if_not_finite(fixed) if skip_non_finite else fixed)
   adapting = adapt_damping and not callable(damping)
   model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum, axis_name)
   omega2 = math.sqrt(19.0 / 20.0) ** (gamma_interval or 1)
@@ -647,8 +253,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
 
   def update_fn(grads: Any, state: KFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, **extra_args):
-    _check_state(state, KFACState, "kfac.update")
-    _check_stats(stats, est, state.preconditioner.factors)
+    options.check_state(state, KFACState, "kfac.update")
+    check_stats(stats, est, state.preconditioner.factors)
     if adapting and params is None:
       raise ValueError("kfac adapts its damping from the loss at the new parameters: "
                        "call tx.update(grads, opt_state, params, stats=stats) with params.")
@@ -711,7 +317,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     omega = jnp.where(probing, 19.0 / 20.0, (19.0 / 20.0) ** damping_interval).astype(lam.dtype)
     new_lam, streak = adaptive.levenberg_marquardt(lam, state.damping_streak, rho, rejected,
                                                    measured, omega, second.damping_share)
-    new_lam = jnp.clip(new_lam, min_damping, _MAX_DAMPING).astype(lam.dtype)
+    new_lam = jnp.clip(new_lam, min_damping, MAX_DAMPING).astype(lam.dtype)
     # A rejected step: no step, the momentum's previous update kept, and the
     # inverses damped with the raised λ (also γ, when it is re-chosen).
     step = jax.tree.map(lambda s: jnp.where(rejected, jnp.zeros_like(s), s), step)
@@ -725,10 +331,11 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
         gamma, state.rejected_steps + rejected.astype(jnp.int32), streak,
         jnp.where(rejected, count + 1 + damping_interval, state.measure_until))
 
-  return _compiled_when_eager(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+  return compiled_when_eager(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
-_MAX_DAMPING = 1e8
+MAX_DAMPING = 1e8
+"""The ceiling of the adapted λ (the floor is `kfac`'s `min_damping`)."""
 
 
 def _passing_grads(chain: optax.GradientTransformationExtraArgs

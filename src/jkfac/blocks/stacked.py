@@ -23,7 +23,6 @@ import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
-import jax.numpy as jnp
 from typing_extensions import override
 
 from jkfac.blocks.base import Block, Captures
