@@ -8,6 +8,8 @@ sharing the cores, its spinning threads make `eigh` a hundred times slower.
 XLA:CPU compiles without its backend (LLVM) optimisations: the tests' small
 programs spend far longer compiling than running, and the flag changes how
 fast the code runs, not what it computes (a fifth off the suite's time).
+Compiled programs are cached in `.jax_cache/` (git-ignored), which the
+workers share.
 """
 
 import os
@@ -15,6 +17,13 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# A compilation cache shared by the pytest-xdist workers (and kept between
+# runs): many tests compile the same programs (the one-device references of
+# the multi-device tests, the brute-force models' steps).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # pylint: disable=g-import-not-at-top
 

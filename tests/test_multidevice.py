@@ -144,17 +144,19 @@ def test_a_deep_stack_is_shared_out_below_layer_granularity():
   """A 12-block scanned transformer on 8 devices: each stack's layers are split
   among the devices, so that the largest device's share of the factorisations,
   counted from the program, is near 1/8 (layer by layer, one device would hold
-  whole stacks); the updates equal those of inverses computed everywhere."""
+  whole stacks). The updates equal those of inverses computed everywhere
+  (compared on 3 blocks, each stack in 3 pieces: the same program, smaller)."""
   import test_scan as ts
-  depth = 12
   tokens = jax.random.randint(jax.random.PRNGKey(3), (DEVICES, ts.SEQUENCE), 0, ts.VOCAB)
   targets = jnp.roll(tokens, -1, axis=1)
-  model = ts.LM(width=16, depth=depth)
-  params = model.init(KEY, tokens[:1])["params"]
-  est = jkfac.estimator(ts._lm_loss(model), params, tokens[:1], targets[:1], mode="exact")
-  assert any(l.stack == (depth,) for l in est.layers)
 
-  def updates_of(tx):
+  def updates_of(depth, **options):
+    model = ts.LM(width=16, depth=depth)
+    params = model.init(KEY, tokens[:1])["params"]
+    est = jkfac.estimator(ts._lm_loss(model), params, tokens[:1], targets[:1], mode="exact")
+    assert any(l.stack == (depth,) for l in est.layers)
+    tx = jkfac.scale_by_kfac(est, damping=1e-2, axis_name="devices", **options)
+
     def step(params, state, x, y):
       _, grads, stats = est(params, x, y)
       return tx.update(grads, state, params, stats=stats)[0]
@@ -163,7 +165,7 @@ def test_a_deep_stack_is_shared_out_below_layer_granularity():
             tokens[:, None], targets[:, None])
     return jax.pmap(step, axis_name="devices"), args
 
-  spread, args = updates_of(jkfac.scale_by_kfac(est, damping=1e-2, axis_name="devices"))
+  spread, args = updates_of(12)
   jaxpr = jax.make_jaxpr(spread)(*args)
   switches = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "cond"
               and len(e.params["branches"]) == DEVICES]
@@ -172,8 +174,8 @@ def test_a_deep_stack_is_shared_out_below_layer_granularity():
   total = _factorisation_cost(jaxpr.jaxpr)
   assert sum(shares) == total  # all of it inside the switch
   assert max(shares) <= 1.5 * total / DEVICES, [s / total for s in shares]
-  everywhere, _ = updates_of(jkfac.scale_by_kfac(est, damping=1e-2, axis_name="devices",
-                                                 spread_inverses=False))
+  spread, args = updates_of(3)
+  everywhere, _ = updates_of(3, spread_inverses=False)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
                spread(*args), everywhere(*args))
 
@@ -212,9 +214,10 @@ def _sharded_jit(tx_fn, params, x, y, steps, mesh):
 
 # JAX 0.8 cannot differentiate `x @ w` with the batch of `x` sharded over an Explicit
 # axis (`jax.grad` itself raises its ShardingTypeError); JAX 0.9 can.
-_EXPLICIT = pytest.param("explicit", marks=pytest.mark.skipif(
+_NEEDS_JAX_0_9 = pytest.mark.skipif(
     jax.__version_info__ < (0, 9), reason="JAX < 0.9 cannot differentiate a dense layer "
-    "over an Explicit batch-sharded input (jax.grad fails too)"))
+    "over an Explicit batch-sharded input (jax.grad fails too)")
+_EXPLICIT = pytest.param("explicit", marks=_NEEDS_JAX_0_9)
 # Where one axis type suffices (CI time): Auto axes on JAX < 0.9, Explicit
 # (jax.make_mesh's default) on newer JAX.
 _AUTO_ON_OLD_JAX = pytest.param("auto", marks=pytest.mark.skipif(
@@ -235,7 +238,8 @@ def _in_mesh(mesh: jax.sharding.Mesh):
   return jax.set_mesh(mesh) if explicit else contextlib.nullcontext()
 
 
-@pytest.mark.parametrize("spread, axes", [(True, "auto"), (False, _EXPLICIT)])
+@pytest.mark.parametrize("spread, axes", [(True, "auto"),
+                                          pytest.param(False, "explicit", marks=_NEEDS_JAX_0_9)])
 def test_sharded_jit_equals_one_device_on_the_whole_batch(spread, axes):
   """The three-line step, unmodified, on a batch sharded over 8 devices: with
   Auto axes, and under `jax.set_mesh` with Explicit ones (`jax.make_mesh`'s

@@ -6,6 +6,7 @@ from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model
 from jkfac.averaging import PolyakAveraging, PolyakState, averaged_params, polyak_average
 from jkfac.diagnostics import Diagnostics, diagnostics, format_diagnostics
 from jkfac.estimator import Estimator, estimator
+from jkfac.layers import Layer, Param
 from jkfac.losses import (register_bernoulli_predictive, register_categorical_predictive,
                           register_gaussian_predictive, sigmoid_cross_entropy,
                           softmax_cross_entropy, squared_error)
@@ -13,7 +14,6 @@ from jkfac.preconditioner import ScaleByKFACState, scale_by_kfac
 from jkfac.schedules import growing_batch_size, growing_batch_sizes
 from jkfac.statistics import Statistics
 from jkfac.tags import register_conv, register_dense, register_scale_and_shift
-from jkfac.tracing import Layer, Param
 from jkfac.transform import KFACState, kfac
 from jkfac.trust_region import KLClipState, scale_by_kl_clip
 

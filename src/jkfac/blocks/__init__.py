@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 from jkfac.blocks import conv, dense, diagonal, embedding, full, none, scale_and_shift, stacked
 from jkfac.blocks.base import Block, Captures
 
-if TYPE_CHECKING:  # tracing imports the blocks
-  from jkfac.tracing import Layer
+if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
+  from jkfac.layers import Layer
 
 REGISTRY: dict[str, Block] = {
     "conv": conv.BLOCK,

@@ -41,8 +41,8 @@ from jkfac import linalg
 from jkfac.blocks.base import Block, Captures, row_weights, with_bias_moments
 from jkfac.sharding import row_products
 
-if TYPE_CHECKING:  # tracing imports the blocks
-  from jkfac.tracing import Layer
+if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
+  from jkfac.layers import Layer
 
 Array = jax.Array
 

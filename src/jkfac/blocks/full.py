@@ -24,8 +24,8 @@ from jkfac import linalg
 from jkfac.blocks.base import Block, Captures, flatten, unflatten
 from jkfac.sharding import row_products
 
-if TYPE_CHECKING:  # tracing imports the blocks
-  from jkfac.tracing import Layer
+if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
+  from jkfac.layers import Layer
 
 Array = jax.Array
 MAX_SIZE = 4096  # a 4096 x 4096 float32 factor is 64 MiB; use Kronecker blocks above

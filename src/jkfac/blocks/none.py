@@ -13,8 +13,8 @@ from typing_extensions import override
 
 from jkfac.blocks.base import Block, Captures
 
-if TYPE_CHECKING:  # tracing imports the blocks
-  from jkfac.tracing import Layer
+if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
+  from jkfac.layers import Layer
 
 Array = jax.Array
 

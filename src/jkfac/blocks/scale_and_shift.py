@@ -22,8 +22,8 @@ from jkfac.blocks import diagonal, full
 from jkfac.blocks.base import Block, Captures, flatten, unflatten
 from jkfac.sharding import row_products
 
-if TYPE_CHECKING:  # tracing imports the blocks
-  from jkfac.tracing import Layer
+if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
+  from jkfac.layers import Layer
 
 Array = jax.Array
 
