@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jkfac import linalg, sharding
+from jkfac.damping import levenberg_marquardt as levenberg_marquardt  # its former home
 from jkfac.estimator import Estimator
 from jkfac.statistics import Statistics
 
@@ -207,54 +208,3 @@ def value_at(schedule: Any, count: Array) -> Array:
     `schedule(count)`, or the number as an array.
   """
   return schedule(count) if callable(schedule) else jnp.asarray(schedule)
-
-
-JUMP_FACTOR = 10.0
-"""The most λ moves at one measurement, up at a rejection or down towards balance."""
-MAX_STREAK = 2
-"""The most consecutive moves up of λ whose factors compound (`ω^-k`)."""
-
-
-def levenberg_marquardt(damping: Array, streak: Array, rho: Array, rejected: Array,
-                        measured: Array, omega: Array, damping_share: Array
-                        ) -> tuple[Array, Array]:
-  """The Levenberg-Marquardt rule for λ (section 6.5), with step rejection.
-
-  At a measurement, λ rises if `ρ < 1/4` or ρ is not finite, falls if
-  `ρ > 3/4`, by ω (the paper's rule), with two exceptions that make it
-  travel fast both ways when it is far off:
-
-  - up: the k-th move up in a row is by `ω^-k` (`k ≤ MAX_STREAK`), and a
-    rejected step multiplies λ by `JUMP_FACTOR`;
-  - down: while the damping dominates the model's curvature along the step
-    (`damping_share = s > 1/2`: λ, not the Fisher, sets the step's length,
-    so λ is too large whatever else), λ falls to the balance point
-    `λ (1 - s) / s = δ^T F δ / |δ|²` where the two are equal, by at most
-    `JUMP_FACTOR` (and at least ω).
-
-  Args:
-    damping: λ.
-    streak: the signed count of the last consecutive moves (+ up, - down).
-    rho: the reduction ratio of this step (anything when not measured).
-    rejected: whether this step was rejected.
-    measured: whether ρ was measured at this step (nothing changes if not).
-    omega: ω, the factor of one move (`(19/20)^steps` since the last
-      measurement).
-    damping_share: the quadratic model's `QuadraticModelState.damping_share`
-      of this step.
-
-  Returns:
-    The new `(λ, streak)`, unclipped.
-  """
-  up = rejected | ~jnp.isfinite(rho) | (rho < 0.25)
-  down = ~up & (rho > 0.75)
-  new_streak = jnp.where(up, jnp.maximum(streak, 0) + 1,
-                         jnp.where(down, jnp.minimum(streak, 0) - 1, 0))
-  rise = omega ** -jnp.minimum(new_streak, MAX_STREAK).astype(damping.dtype)
-  rise = jnp.where(rejected, JUMP_FACTOR, rise)
-  dominant = damping_share > 0.5
-  balance = (1.0 - damping_share) / jnp.where(dominant, damping_share, 1.0)
-  fall = jnp.where(dominant, jnp.clip(balance, 1.0 / JUMP_FACTOR, omega), omega)
-  factor = jnp.where(up, rise, jnp.where(down, fall, 1.0))
-  return (jnp.where(measured, damping * factor, damping).astype(damping.dtype),
-          jnp.where(measured, new_streak, streak).astype(streak.dtype))

@@ -9,14 +9,14 @@ learning rate, like optax's aliases: fixed, inside the KL trust region
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jkfac import adaptive, linalg, options, trust_region
+from jkfac import linalg, options, trust_region
+from jkfac import damping as damping_lib
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model, value_at
 from jkfac.estimator import Estimator
 from jkfac.options import ScalarOrSchedule
@@ -56,12 +56,9 @@ class KFACState(NamedTuple):
   measure_until: Array
 
 
-ADAPTIVE_DAMPING = 1.0
-"""`kfac`'s default initial λ with the quadratic model (adapted from there)."""
-FIXED_DAMPING = 3e-3
-"""`kfac`'s default λ with a fixed learning rate and momentum."""
-_DAMPING_DRIFT = 2.0
-"""The inverses are refreshed early when their damping is off by this factor."""
+ADAPTIVE_DAMPING = damping_lib.ADAPTIVE_DAMPING
+FIXED_DAMPING = damping_lib.FIXED_DAMPING
+MAX_DAMPING = damping_lib.MAX_DAMPING
 
 
 def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
@@ -90,7 +87,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   Levenberg-Marquardt rule (section 6.5) from the reduction ratio
   `ρ = (h(θ + δ) - h(θ)) / (M(δ) - M(0))`: λ rises when `ρ < 1/4`, falls when
   `ρ > 3/4`, by `ω = (19/20)^steps` since the last measurement; it moves
-  faster when it is far off (`jkfac.adaptive.levenberg_marquardt`): up by
+  faster when it is far off (`jkfac.damping.levenberg_marquardt`): up by
   `ω^-k` at the k-th rise in a row (k ≤ 2) and 10-fold at a rejected step,
   down by up to 10-fold, to where the damping and the Fisher contribute
   equally to the model's curvature along the step, while the damping
@@ -219,9 +216,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   if gamma_interval is not None and learning_rate is not None and momentum is not None:
     raise ValueError("gamma_interval re-chooses γ by the quadratic model: leave "
                      "learning_rate or momentum as None to use it.")
-  with_l2 = lambda lam: ((lambda count: value_at(lam, count) + l2_reg) if callable(lam)
-                         else lam + l2_reg)
-  preconditioner = scale_by_kfac(est, damping=with_l2(damping), decay=decay,
+  preconditioner = scale_by_kfac(est, damping=damping_lib.with_l2(damping, l2_reg), decay=decay,
                                  inverse_every=inverse_every, inverse_warmup=inverse_warmup,
                                  inverse_method=inverse_method, structure=structure,
                                  axis_name=axis_name, spread_inverses=spread_inverses,
@@ -242,7 +237,6 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     return compiled_when_eager(_zero_step_if_not_finite(fixed) if skip_non_finite else fixed)
   adapting = adapt_damping and not callable(damping)
   model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum, axis_name)
-  omega2 = math.sqrt(19.0 / 20.0) ** (gamma_interval or 1)
   zero = lambda: jnp.zeros([], jnp.int32)
 
   def init_fn(params: Any) -> KFACState:
@@ -262,9 +256,7 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     count = state.preconditioner.count
 
     def candidate(damping_now, refresh_now):  # γ² = damping_now
-      # Refreshed early when the inverses' damping is off by _DAMPING_DRIFT.
-      drift = damping_now / state.preconditioner.damping
-      refresh_now = refresh_now | (drift > _DAMPING_DRIFT) | (drift < 1.0 / _DAMPING_DRIFT)
+      refresh_now = refresh_now | damping_lib.drifted(damping_now, state.preconditioner.damping)
       # The direction stays at least as wide as the factors until α scales it:
       # with half-precision parameters F̆^{-1}∇h can exceed float16's range.
       wide = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, est.factor_dtype)),
@@ -285,12 +277,13 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       step, first, second = candidate(gamma ** 2, False)
     else:
       def rechoose(_):  # section 6.6: the γ whose update the quadratic model prefers
-        outs = [candidate((state.gamma * f) ** 2, True) for f in (omega2, 1.0, 1.0 / omega2)]
+        gammas = damping_lib.candidates(state.gamma, gamma_interval)
+        outs = [candidate(gamma ** 2, True) for gamma in gammas]
         changes = jnp.stack([o[2].predicted_change for o in outs])
         best = jnp.argmin(jnp.where(jnp.isfinite(changes), changes, jnp.inf))
         pick = lambda *xs: jnp.where(best == 0, xs[0], jnp.where(best == 1, xs[1], xs[2]))
         chosen = jax.tree.map(pick, *outs)
-        return chosen, pick(*[state.gamma * f for f in (omega2, 1.0, 1.0 / omega2)])
+        return chosen, pick(*gammas)
 
       (step, first, second), gamma = jax.lax.cond(
           (count + 1) % gamma_interval == 0, rechoose,
@@ -314,10 +307,9 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
                           lambda _: jnp.full([], jnp.nan, est.factor_dtype), None)
     rho = change / second.predicted_change
     rejected = measured & (~jnp.isfinite(change) | (change > 0)) & reject_steps
-    omega = jnp.where(probing, 19.0 / 20.0, (19.0 / 20.0) ** damping_interval).astype(lam.dtype)
-    new_lam, streak = adaptive.levenberg_marquardt(lam, state.damping_streak, rho, rejected,
-                                                   measured, omega, second.damping_share)
-    new_lam = jnp.clip(new_lam, min_damping, MAX_DAMPING).astype(lam.dtype)
+    new_lam, streak = damping_lib.adapt(lam, state.damping_streak, rho, rejected, measured,
+                                        probing, damping_interval, second.damping_share,
+                                        min_damping)
     # A rejected step: no step, the momentum's previous update kept, and the
     # inverses damped with the raised λ (also γ, when it is re-chosen).
     step = jax.tree.map(lambda s: jnp.where(rejected, jnp.zeros_like(s), s), step)
@@ -332,10 +324,6 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
         jnp.where(rejected, count + 1 + damping_interval, state.measure_until))
 
   return compiled_when_eager(optax.GradientTransformationExtraArgs(init_fn, update_fn))
-
-
-MAX_DAMPING = 1e8
-"""The ceiling of the adapted λ (the floor is `kfac`'s `min_damping`)."""
 
 
 def _passing_grads(chain: optax.GradientTransformationExtraArgs
