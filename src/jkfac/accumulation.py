@@ -83,7 +83,7 @@ class MultiSteps:
     Returns:
       The wrapped `optax.MultiSteps` state, and zero factors.
     """
-    shapes = jax.eval_shape(self._est.zero_factors)
+    shapes = self._est.factor_shapes()
     return MultiStepsState(self._inner.init(params),
                            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 

@@ -132,7 +132,7 @@ def diagnostics(est: Estimator, opt_state: Any, updates: Any = None,
     overall["update_norm"] = _norm([u for u in flat["updates"] if u is not None])
 
   layers = {}
-  factor_shapes = jax.eval_shape(est.zero_factors)
+  factor_shapes = est.factor_shapes()
   for layer in est.layers:
     if layer.name not in state.factors:  # another transform's, in an optax partition
       continue

@@ -28,7 +28,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jkfac import (blocks, cotangents, curvature, interpret, layer_table, per_example,
                    sharding, term_weights, tracing, trees, tridiagonal)
@@ -100,6 +99,7 @@ class Estimator:
     self.uses = program.uses
     self.losses = program.losses
     self.chains: tuple[tuple[int, ...], ...] = ()
+    self._factor_shapes: Optional[dict[str, Any]] = None
     self._compiled = jax.jit(self._evaluate)
 
   # --- the pure function -------------------------------------------------
@@ -120,7 +120,7 @@ class Estimator:
     params_view, flat_params = self.align(params, "est(params, ...)")
     self._check_call(flat_params, args, rng)
     try:
-      if _all_concrete_arrays((flat_params, args, rng)):
+      if trees.all_concrete_arrays((flat_params, args, rng)):
         # Called outside jit: one compiled program rather than every operation
         # dispatched on its own (tens of times faster on small models).
         value, grads, stats = self._compiled(flat_params, *args, rng=rng)
@@ -213,6 +213,16 @@ class Estimator:
             [jnp.zeros((1,) + p.shape, dtype) for p in layer.params], dtype)
     return self._factors(self.uses, inputs, output_grads, moments)
 
+  def factor_shapes(self) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+    """The shapes and dtypes of every layer's factors (`zero_factors`, traced once).
+
+    Returns:
+      Layer name -> its factors' `jax.ShapeDtypeStruct`s.
+    """
+    if self._factor_shapes is None:
+      self._factor_shapes = jax.eval_shape(self.zero_factors)
+    return self._factor_shapes
+
   def request_cross_moments(self) -> tuple[tuple[int, ...], ...]:
     """Makes the statistics include the cross moments of chains of dense layers.
 
@@ -227,6 +237,7 @@ class Estimator:
     """
     self.chains = tridiagonal.find_chains(self.layers, self.uses)
     self._compiled = jax.jit(self._evaluate)  # the statistics' structure changed
+    self._factor_shapes = None
     return self.chains
 
   def _forward(self, program: tracing.Program, flat_params: list[Array],
@@ -442,12 +453,6 @@ def _raised_by_jkfac(error: BaseException) -> bool:
     frame = frame.tb_next
   return frame is not None and os.path.dirname(frame.tb_frame.f_code.co_filename) in (
       os.path.dirname(__file__), os.path.dirname(blocks.__file__))
-
-
-def _all_concrete_arrays(tree: Any) -> bool:
-  """Whether every leaf is a concrete array (no tracer, no Python value to keep static)."""
-  return all(isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
-             for x in jax.tree.leaves(tree))
 
 
 def _shape(x: Any) -> jax.ShapeDtypeStruct:

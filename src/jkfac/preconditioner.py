@@ -11,15 +11,16 @@ momentum and the learning rate, like optax's aliases.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jkfac import blocks, distributed, linalg, options, sharding, state_layout, tridiagonal
+from jkfac import (blocks, distributed, linalg, options, sharding, state_layout, trees,
+                   tridiagonal)
 from jkfac.adaptive import value_at
 from jkfac.estimator import Estimator
 from jkfac.options import ScalarOrSchedule
@@ -188,12 +189,16 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
                             _zeros(inverse_shapes, traced, stored_on), damping0, zero, zero,
                             zero, zero)
 
-  def logical_shapes(names: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The factors' and inverses' shapes of the layers `names`, unpadded."""
-    factor_shapes = {name: shapes for name, shapes in jax.eval_shape(est.zero_factors).items()
+  @functools.lru_cache(maxsize=None)
+  def partition_shapes(names: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    factor_shapes = {name: shapes for name, shapes in est.factor_shapes().items()
                      if name in names}
     lam = jax.ShapeDtypeStruct((), est.factor_dtype)
     return factor_shapes, jax.eval_shape(_inverses, factor_shapes, lam)
+
+  def logical_shapes(names: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The factors' and inverses' shapes of the layers `names`, unpadded."""
+    return partition_shapes(frozenset(names))
 
   def _inverses(factors, lam, spread_over=None):
     # Work items: a layer, a chain, or, spread over D devices, a stack's layers
@@ -311,24 +316,24 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
 
 
 def compiled_when_eager(tx: optax.GradientTransformationExtraArgs
-                         ) -> optax.GradientTransformationExtraArgs:
+                        ) -> optax.GradientTransformationExtraArgs:
   """`tx`, its update run as one compiled program when called outside `jit`.
+
+  Called eagerly (concrete arrays, as in a notebook's loop or nnx's eager
+  `optimizer.update`), the update would otherwise dispatch and compile each
+  of its hundreds of operations on its own; inside `jit`, or with an extra
+  argument that is not an array (a callable), it runs as written.
 
   Args:
     tx: the transform.
 
   Returns:
-    The same transform. Called eagerly (concrete arrays, as in a notebook's loop or nnx's eager
-  `optimizer.update`), the update would otherwise dispatch and compile each
-  of its hundreds of operations on its own; inside `jit`, or with an extra
-  argument that is not an array (a callable), it runs as written.
+    The same transform, its update compiled when called eagerly.
   """
   compiled = jax.jit(tx.update)
 
   def update_fn(updates, state, params=None, **extra_args):
-    leaves = jax.tree.leaves((updates, state, params, extra_args))
-    if all(isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
-           for x in leaves):
+    if trees.all_concrete_arrays((updates, state, params, extra_args)):
       return compiled(updates, state, params, **extra_args)
     return tx.update(updates, state, params, **extra_args)
 
@@ -354,9 +359,7 @@ def _zeros(shapes: Any, traced: bool, mesh: Optional[jax.sharding.Mesh]) -> Any:
   the host outside `jit` (no kernel compiled per shape)."""
   if traced:
     return state_layout.store(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), mesh)
-  if mesh is not None:
-    return state_layout.zeros(shapes, mesh)
-  return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
+  return state_layout.zeros(shapes, mesh)
 
 
 def check_stats(stats: Any, est: Estimator, factors: dict[str, Any]) -> dict[str, Any]:

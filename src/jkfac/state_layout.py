@@ -152,16 +152,18 @@ def load(tree: Any, shapes: Any) -> Any:
   return jax.tree.map(one, tree, shapes)
 
 
-def zeros(shapes: Any, mesh: jax.sharding.Mesh) -> Any:
+def zeros(shapes: Any, mesh: Optional[jax.sharding.Mesh]) -> Any:
   """Stored all-zero arrays for logical `shapes`, made on the host and placed.
 
   Args:
     shapes: a pytree of `jax.ShapeDtypeStruct` (logical shapes).
-    mesh: the mesh.
+    mesh: the mesh; None: whole arrays on the default device (a state not split).
 
   Returns:
     Padded zero arrays, each split over the mesh's devices.
   """
+  if mesh is None:
+    return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
   devices = mesh.devices.size
   return jax.tree.map(
       lambda s: jax.device_put(np.zeros(padded_shape(s.shape, devices), s.dtype),

@@ -153,3 +153,17 @@ def check_leaves(tree: Any, where: str) -> None:
           "other static fields: split it with `params, static = eqx.partition(model, "
           "eqx.is_array)` (or eqx.is_inexact_array), pass `params` to jkfac, and rebuild "
           "the model in the loss with `eqx.combine(params, static)`.")
+
+
+def all_concrete_arrays(tree: Any) -> bool:
+  """Whether every leaf is a concrete array: no tracer, no Python value to keep static.
+
+  Args:
+    tree: a pytree (arguments about to be passed to a compiled function).
+
+  Returns:
+    True when `tree` can go to `jax.jit`'s compiled function as it is (a call
+    outside `jit`, with arrays).
+  """
+  return all(isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+             for x in jax.tree.leaves(tree))
