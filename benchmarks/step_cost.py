@@ -44,6 +44,7 @@ import flops
 import harness
 import jkfac
 from jkfac import blocks
+from jkfac.damping import Damping
 
 MODELS = {
     "autoencoder": autoencoder.SIZES,
@@ -107,15 +108,15 @@ def measure(sizes: tuple[int, ...], batch: int, repeats: int, stats_fraction: fl
   _, grads, stats = jax.jit(lambda p, b, k: est(p, b, rng=k))(params, images, key)
   factors = stats.factors
   layers = {layer.name: layer for layer in est.layers}
-  ema = jax.jit(lambda old, new: jax.tree_util.tree_map(lambda o, n: 0.95 * o + 0.05 * n,
-                                                         old, new))
-  inverse = jax.jit(lambda f: {n: blocks.get(l.kind).inverse(l, f[n], jnp.float32(damping))
+  ema = jax.jit(lambda old, new: jax.tree.map(lambda o, n: 0.95 * o + 0.05 * n, old, new))
+  lam = Damping(jnp.float32(damping))
+  inverse = jax.jit(lambda f: {n: blocks.for_layer(l).refresh(l, f[n], lam)
                                for n, l in layers.items()})
   inverses = inverse(factors)
-  flat_grads = jax.tree_util.tree_leaves(grads)
+  flat_grads = jax.tree.leaves(grads)
 
   def precondition_all(inv, flat):
-    return [blocks.get(l.kind).precondition(l, inv[n], [flat[p.index] for p in l.params])
+    return [blocks.for_layer(l).precondition(l, inv[n], [flat[p.index] for p in l.params])
             for n, l in layers.items()]
 
   kfac_state = step(params, kfac_tx.init(params), images, key)[1]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jkfac import blocks
 from jkfac.estimator import Estimator
 from jkfac.statistics import Statistics
 
@@ -66,6 +67,13 @@ class MultiSteps:
       accumulator_dtype: the gradients' accumulator dtype (None: the factor
         dtype, float32 or float64); the statistics' is the factor dtype.
     """
+    unsummable = [l.name for l in est.layers if not blocks.for_layer(l).summable]
+    if unsummable:
+      raise ValueError(
+          f"jkfac.MultiSteps averages the statistics of micro-batches, and the blocks of "
+          f"layers {unsummable} keep statistics that do not average (EK-FAC's are "
+          "measured in the eigenbasis the optimizer holds at each update). Use another "
+          "block for them (overrides=), or one larger batch instead of micro-batches.")
     self._est = est
     self._every_k = every_k_schedule if callable(every_k_schedule) else (
         lambda step: every_k_schedule)

@@ -1,6 +1,9 @@
 # Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
-"""The damping: λ's defaults, bounds and Levenberg-Marquardt rule, and γ's candidates.
+"""The damping: the value handed to the blocks, λ's defaults, bounds and rules.
 
+A refresh hands each curvature block a `Damping`: λ, applied plainly
+(`F + λ I`: diagonal and full blocks, EK-FAC's corrected eigenvalues) or
+factored between two Kronecker factors (`Damping.factored`, section 6.3).
 `kfac` damps the curvature as `F + (λ + η) I` (η the L2 coefficient folded
 in, section 6.1) and its Kronecker blocks by factored Tikhonov with
 `γ² = λ + η` (section 6.3). With the quadratic model, λ follows the
@@ -11,12 +14,58 @@ may be re-chosen among `candidates` every T2 steps (section 6.6).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jkfac import linalg
+
 Array = jax.Array
+
+
+class Damping(NamedTuple):
+  """The damping a curvature block is refreshed with (a pytree: one scalar).
+
+  Attributes:
+    value: λ, a positive scalar in the factor dtype: a block approximates
+      the inverse of `F + λ I`.
+  """
+  value: Array
+
+  def factored(self, trace_a: Array, dim_a: int, trace_g: Array, dim_g: int
+               ) -> tuple[Array, Array, Array]:
+    """Factored Tikhonov damping of `A ⊗ G` (section 6.3).
+
+    `(A + π√λ I) ⊗ (G + √λ/π I)` approximates `A ⊗ G + λ I`, with
+    `π = sqrt((tr(A)/dim A) / (tr(G)/dim G))` balancing the two factors (1
+    when that ratio is not positive and finite).
+
+    Args:
+      trace_a: the trace of the input-side factor `A` (of `diag(A)` for a
+        diagonal factor).
+      dim_a: `A`'s dimension.
+      trace_g: the trace of the output-side factor `G`.
+      dim_g: `G`'s dimension.
+
+    Returns:
+      `(π√λ, √λ/π, π)`: the shifts of `A` and `G`, and π.
+    """
+    pi = linalg.pi_from_traces(trace_a, dim_a, trace_g, dim_g)
+    root = jnp.sqrt(self.value).astype(pi.dtype)
+    return pi * root, root / pi, pi
+
+  def kronecker(self, a: Array, g: Array) -> tuple[Array, Array, Array]:
+    """`factored` for two square factors.
+
+    Args:
+      a: the input-side factor `A`, `(m, m)`.
+      g: the output-side factor `G`, `(n, n)`.
+
+    Returns:
+      `(π√λ, √λ/π, π)` (`factored` of their traces).
+    """
+    return self.factored(jnp.trace(a), a.shape[0], jnp.trace(g), g.shape[0])
 
 ADAPTIVE_DAMPING = 1.0
 """`kfac`'s default initial λ with the quadratic model (adapted from there)."""

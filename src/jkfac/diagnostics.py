@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jkfac import state_layout
+from jkfac import blocks, state_layout
+from jkfac.damping import Damping
 from jkfac.estimator import Estimator
-from jkfac.preconditioner import ScaleByKFACState
+from jkfac.preconditioner import ScaleByKFACState, kept_shapes
 from jkfac.transform import KFACState
 from jkfac.trust_region import KLClipState
 
@@ -132,7 +133,7 @@ def diagnostics(est: Estimator, opt_state: Any, updates: Any = None,
     overall["update_norm"] = _norm([u for u in flat["updates"] if u is not None])
 
   layers = {}
-  factor_shapes = est.factor_shapes()
+  factor_shapes = kept_shapes(est)
   for layer in est.layers:
     if layer.name not in state.factors:  # another transform's, in an optax partition
       continue
@@ -157,6 +158,12 @@ def diagnostics(est: Estimator, opt_state: Any, updates: Any = None,
       if f"{key}_inv" in inverse:  # cond(M^{-1}) = cond(M)
         figures[f"damped_condition_{key}"] = _condition(
             _spectrum(key, inverse[f"{key}_inv"], layer.stack))
+    if layer.block:  # a block chosen by overrides=, with figures of its own
+      block = blocks.for_layer(layer)
+      whole = state_layout.load(state.inverses[layer.name], jax.eval_shape(
+          lambda f, layer=layer, block=block: block.refresh(layer, f, Damping(state.damping)),
+          shapes))
+      figures.update(block.diagnostics(layer, whole))
     for name, leaves in flat.items():
       if leaves is not None:
         figures[f"{name[:-1]}_norm"] = _norm([leaves[p.index] for p in layer.params])

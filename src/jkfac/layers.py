@@ -39,7 +39,9 @@ class Layer:
 
   Attributes:
     name: a readable name, from the parameters' common path.
-    kind: the block type (`"dense"`, `"diagonal"`, ...).
+    kind: what the layer is (`"dense"`, `"conv"`, ...; `"diagonal"`,
+      `"full"` and `"none"` for parameters handed to those blocks), which
+      also names its default block.
     params: the parameter leaves it owns, in the block's order.
     options: static facts the block needs (for dense: the kernel leaf's
       `in_axes` and `out_axes`, and `bias`).
@@ -48,6 +50,9 @@ class Layer:
       sizes of the leading axes its parameters are stacked along, outermost
       first; each slice is a layer of `kind` (`jkfac.blocks.stacked`).
       Empty for a single layer.
+    block: the name of its block in `jkfac.blocks.REGISTRY` when
+      `overrides=` chose one other than its kind's (`"ekfac"`); empty for
+      the kind's own.
   """
   name: str
   kind: str
@@ -55,6 +60,7 @@ class Layer:
   options: tuple[tuple[str, Any], ...] = ()
   note: str = ""
   stack: tuple[int, ...] = ()
+  block: str = ""
 
   def option(self, key: str, default: Any = None) -> Any:
     """The value of one of the layer's options.

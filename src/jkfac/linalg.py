@@ -118,24 +118,3 @@ def pi_from_traces(trace_a: Array, dim_a: int, trace_g: Array, dim_g: int) -> Ar
   ratio = (trace_a / dim_a) / (trace_g / dim_g)
   ok = jnp.isfinite(ratio) & (ratio > 0)
   return jnp.where(ok, jnp.sqrt(jnp.where(ok, ratio, 1.0)), 1.0)
-
-
-def kronecker_inverses(a: Array, g: Array, damping: Array,
-                       method: str = "cholesky") -> tuple[Array, Array, Array]:
-  """Damped inverses of the two Kronecker factors (factored Tikhonov).
-
-  `(A + π√λ I)^{-1}` and `(G + √λ/π I)^{-1}` (K-FAC section 6.3), so that
-  their Kronecker product approximates `(A ⊗ G + λ I)^{-1}`.
-
-  Args:
-    a: the input-side factor `A`.
-    g: the output-side factor `G`.
-    damping: λ.
-    method: how to invert (`damped_inverse`).
-
-  Returns:
-    `(A_inv, G_inv, π)`.
-  """
-  pi = pi_factor(a, g)
-  root = jnp.sqrt(damping).astype(a.dtype)
-  return damped_inverse(a, pi * root, method), damped_inverse(g, root / pi, method), pi

@@ -4,10 +4,11 @@
 `jkfac.estimator(..., overrides={"Dense_3": "diagonal", "*LayerNorm*": "full",
 "head/*": "none"})`: each pattern (`fnmatch` style) is matched against every
 layer's name and its parameters' paths; the first pattern that matches a
-layer decides its block:
+layer decides its block. The choices are `"kronecker"` (the layer's own
+Kronecker-factored block, the default for the layers found; an error for
+layers that have none) and the blocks of `jkfac.blocks.REGISTRY` that may be
+chosen (`Block.kinds`):
 
-- `"kronecker"`: the layer's Kronecker-factored block (the default for the
-  layers found); an error for layers that have none;
 - `"diagonal"`: the diagonal Fisher, per parameter; a scale-and-shift layer
   computes it from its captures, any other layer from per-example gradients
   (the `"diagonal"` block, one extra pass over the batch);
@@ -15,19 +16,27 @@ layer decides its block:
   a scale-and-shift layer computes it from its captures, any other layer
   (up to `blocks.full.MAX_SIZE` parameter entries) from per-example
   gradients (the `"full"` block, one extra pass over the batch);
-- `"none"`: no curvature: the gradient passes unchanged.
+- `"none"`: no curvature: the gradient passes unchanged;
+- and the blocks for some layer kinds only, such as `"ekfac"`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from typing import Any, Mapping, Optional, Sequence
 
-from jkfac.blocks import full, stacked
+from jkfac import blocks
 
-CHOICES = ("kronecker", "diagonal", "full", "none")
-_KRONECKER = frozenset({"dense", "conv", "embedding"})
+
+def choices() -> tuple[str, ...]:
+  """The block choices `overrides=` accepts.
+
+  Returns:
+    `"kronecker"`, then the names of the registered blocks that may be
+    chosen for some layer (`Block.kinds` not empty).
+  """
+  return ("kronecker",) + tuple(name for name, block in blocks.REGISTRY.items()
+                                if block.kinds is None or block.kinds)
 
 
 def _choice(layer: Any, overrides: Mapping[str, str], used: set[str]) -> Optional[str]:
@@ -39,6 +48,21 @@ def _choice(layer: Any, overrides: Mapping[str, str], used: set[str]) -> Optiona
   return None
 
 
+def _assigned(layer: Any, choice: str) -> Optional[tuple[Any, ...]]:
+  """The layers `choice` turns `layer` into, or None when it cannot apply."""
+  note = f"override {choice!r}"
+  own = blocks.get(layer.kind)
+  if choice == "kronecker":
+    return (layer,) if own.kronecker else None
+  chosen = own.choose(layer, choice, note)
+  if chosen is not None:
+    return (chosen,)
+  block = blocks.get(choice)
+  if block.kinds is None or layer.kind in block.kinds:
+    return block.assign(layer, choice, note)
+  return None
+
+
 def apply(layers: Sequence[Any], uses: Sequence[tuple[Any, ...]],
           overrides: Optional[Mapping[str, str]]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
   """Applies `overrides` to the layer table.
@@ -46,7 +70,7 @@ def apply(layers: Sequence[Any], uses: Sequence[tuple[Any, ...]],
   Args:
     layers: the layers found (`tracing.Layer`).
     uses: their uses, aligned with `layers`.
-    overrides: pattern -> one of `CHOICES`, or None.
+    overrides: pattern -> one of `choices()`, or None.
 
   Returns:
     The new layers and uses (a layer turned diagonal or `none` becomes one
@@ -58,42 +82,30 @@ def apply(layers: Sequence[Any], uses: Sequence[tuple[Any, ...]],
   """
   if not overrides:
     return tuple(layers), tuple(uses)
+  allowed = choices()
   for pattern, choice in overrides.items():
-    if choice not in CHOICES:
+    if choice not in allowed:
       raise ValueError(f"overrides[{pattern!r}] = {choice!r} is not a block choice: use "
-                       f"one of {CHOICES}.")
+                       f"one of {allowed}.")
   used: set[str] = set()
   new_layers, new_uses = [], []
   for layer, layer_uses in zip(layers, uses):
     choice = _choice(layer, overrides, used)
-    note = f"override {choice!r}"
-    if choice is None or (choice == "kronecker" and layer.kind in _KRONECKER):
-      new_layers.append(layer)
-      new_uses.append(layer_uses)
-    elif layer.kind == "scale_and_shift" and choice in ("diagonal", "full"):
-      options = tuple(o for o in layer.options if o[0] != "full") + (("full", choice == "full"),)
-      new_layers.append(dataclasses.replace(layer, options=options, note=note))
-      new_uses.append(layer_uses)
-    elif choice == "full":  # per layer of a stack
-      size = full.size_of(stacked.unstacked(layer) if layer.stack else layer)
-      if size > full.MAX_SIZE:
-        raise ValueError(
-            f"overrides: layer {layer.name!r} has {size} parameter entries, too many for a "
-            f"'full' block (at most {full.MAX_SIZE}: its matrix would have {size}^2 "
-            "entries). Use 'kronecker' or 'diagonal' for it.")
-      new_layers.append(type(layer)(layer.name, "full", layer.params, (), note, layer.stack))
-      new_uses.append(())
-    elif choice in ("diagonal", "none"):
-      kind = "diagonal" if choice == "diagonal" else "none"
-      for p in layer.params:
-        new_layers.append(type(layer)(p.path, kind, (dataclasses.replace(p, role="param"),),
-                                      (), note))
-        new_uses.append(())
-    else:
+    assigned = (layer,) if choice is None else _assigned(layer, choice)
+    if assigned is None:
+      kronecker = sorted(name for name, b in blocks.REGISTRY.items() if b.kronecker)
+      anywhere = [name for name in allowed[1:] if blocks.get(name).kinds is None]
+      some = {name: list(blocks.get(name).kinds) for name in allowed[1:]
+              if blocks.get(name).kinds}
       raise ValueError(
           f"overrides: layer {layer.name!r} ({layer.kind}) cannot have a {choice!r} block. "
-          f"Kronecker blocks exist for {sorted(_KRONECKER)} layers; 'diagonal', 'full' "
-          "and 'none' apply to every layer.")
+          f"Kronecker blocks exist for {kronecker} layers; "
+          + ", ".join(repr(n) for n in anywhere[:-1]) + f" and {anywhere[-1]!r} apply to "
+          "every layer" + "".join(f"; {n!r} to {k} layers" for n, k in some.items()) + ".")
+    new_layers.extend(assigned)
+    # Layers that keep activations keep their uses; the others are per parameter.
+    new_uses.extend([layer_uses if blocks.for_layer(l).needs == "activations" else ()
+                     for l in assigned])
   unused = [p for p in overrides if p not in used]
   if unused:
     raise ValueError(

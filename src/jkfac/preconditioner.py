@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from jkfac import (blocks, distributed, linalg, options, sharding, state_layout, trees,
                    tridiagonal)
 from jkfac.adaptive import value_at
+from jkfac.damping import Damping
 from jkfac.estimator import Estimator
 from jkfac.options import ScalarOrSchedule
 from jkfac.statistics import Statistics
@@ -191,7 +192,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
 
   @functools.lru_cache(maxsize=None)
   def partition_shapes(names: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    factor_shapes = {name: shapes for name, shapes in est.factor_shapes().items()
+    factor_shapes = {name: shapes for name, shapes in kept_shapes(est).items()
                      if name in names}
     lam = jax.ShapeDtypeStruct((), est.factor_dtype)
     return factor_shapes, jax.eval_shape(_inverses, factor_shapes, lam)
@@ -200,13 +201,14 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     """The factors' and inverses' shapes of the layers `names`, unpadded."""
     return partition_shapes(frozenset(names))
 
-  def _inverses(factors, lam, spread_over=None):
+  def _inverses(factors, lam, spread_over=None, refreshed_only=False):
     # Work items: a layer, a chain, or, spread over D devices, a stack's layers
     # in up to D contiguous pieces (so that one deep stack is shared out too).
+    # Inverse-free blocks have none at a refresh (`refreshed_only`).
     devices = 1 if spread_over is None else distributed.axis_size(spread_over)
     items = []  # (owners, piece of the stack or None, function)
     for layer in layers:
-      if layer.name in factors:
+      if layer.name in factors and not (refreshed_only and not block_of[layer.name].refreshes):
         for piece in _stack_pieces(layer.stack, devices):
           items.append(([layer], piece, lambda layer=layer, piece=piece: [
               _layer_inverse(layer, factors[layer.name], lam, piece)]))
@@ -231,10 +233,25 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
   def _layer_inverse(layer, layer_factors, lam, piece):
     """A layer's inverses, or those of the stack's layers `piece` = (start, stop)."""
     if piece is None:
-      return block_of[layer.name].inverse(layer, layer_factors, lam, inverse_method)
+      return block_of[layer.name].refresh(layer, layer_factors, Damping(lam), inverse_method)
     part = dataclasses.replace(layer, stack=(piece[1] - piece[0],) + layer.stack[1:])
-    return blocks.for_layer(part).inverse(part, _piece_of(layer_factors, piece), lam,
+    return blocks.for_layer(part).refresh(part, _piece_of(layer_factors, piece), Damping(lam),
                                           inverse_method)
+
+  def accumulate(stored, inverse_shapes, batch, finite, lam):
+    """The inverses after the blocks that accumulate have seen a finite batch."""
+    names = [name for name in stored if name in block_of and block_of[name].accumulates]
+    if not names:
+      return stored
+    whole = state_layout.load({name: stored[name] for name in names},
+                              {name: inverse_shapes[name] for name in names})
+    device_mean = ((lambda x: jax.lax.pmean(x, axis_name)) if axis_name is not None
+                   else (lambda x: x))
+    layer_of = {layer.name: layer for layer in layers}
+    new = {name: block_of[name].accumulate(layer_of[name], whole[name], batch[name], decay,
+                                           Damping(lam), device_mean) for name in names}
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, whole)
+    return {**stored, **state_layout.store(new, stored_on)}
 
   def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,
                 stats: Optional[Statistics] = None, damping_now: Optional[Array] = None,
@@ -255,33 +272,35 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
       finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
     factor_shapes, inverse_shapes = (logical_shapes(state.factors) if stored_on is not None
                                      else (state.factors, state.inverses))
+    averaged = {name: {key: batch[name][key] for key in kept} for name, kept in factor_shapes.items()}
     factors = state_layout.keep(jax.tree.map(
         lambda old, new: jnp.where(finite, epsilon * old + (1.0 - epsilon) * new, old),
-        state.factors, state_layout.store(batch, stored_on)), factor_shapes, stored_on)
+        state.factors, state_layout.store(averaged, stored_on)), factor_shapes, stored_on)
     lam = value_at(damping if damping_now is None else damping_now,
                    state.count).astype(est.factor_dtype)
+    accumulated = accumulate(state.inverses, inverse_shapes, batch, finite, lam)
     refresh = (state.count % inverse_every == 0) | (state.count < inverse_warmup) | refresh_now
 
     def recompute(_):
       whole = state_layout.load(factors, factor_shapes)
       if axis_name is not None:
         fresh = _inverses(jax.lax.pmean(whole, axis_name), lam,
-                          axis_name if spread_inverses else None)
+                          axis_name if spread_inverses else None, True)
       elif mesh is not None and spread_inverses:
         axes = tuple(mesh.axis_names)
-        fresh = jax.shard_map(lambda f, l: _inverses(f, l, axes), mesh=mesh,
+        fresh = jax.shard_map(lambda f, l: _inverses(f, l, axes, True), mesh=mesh,
                               in_specs=(P(), P()), out_specs=P(),
                               check_vma=False)(whole, lam)
       else:
-        fresh = _inverses(whole, lam)
+        fresh = _inverses(whole, lam, refreshed_only=True)
       ok = linalg.all_finite(fresh)
-      fresh = state_layout.store(fresh, stored_on)
+      fresh = {**accumulated, **state_layout.store(fresh, stored_on)}
       return jax.lax.cond(ok, lambda: (fresh, lam, count, state.failed_refreshes),
-                          lambda: (state.inverses, state.damping, state.last_refresh,
+                          lambda: (accumulated, state.damping, state.last_refresh,
                                    state.failed_refreshes + 1))
 
     inverses, used_damping, last_refresh, failed_refreshes = jax.lax.cond(
-        refresh, recompute, lambda _: (state.inverses, state.damping, state.last_refresh,
+        refresh, recompute, lambda _: (accumulated, state.damping, state.last_refresh,
                                        state.failed_refreshes), None)
     inverses = state_layout.keep(inverses, inverse_shapes, stored_on)
     whole_inverses = state_layout.load(inverses, inverse_shapes)
@@ -362,6 +381,26 @@ def _zeros(shapes: Any, traced: bool, mesh: Optional[jax.sharding.Mesh]) -> Any:
   return state_layout.zeros(shapes, mesh)
 
 
+def kept_shapes(est: Estimator) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+  """The shapes of the factors a `scale_by_kfac` state keeps, per layer.
+
+  Args:
+    est: the estimator.
+
+  Returns:
+    Layer name -> the moving averages its block keeps (`Block.init` of the
+    shapes of its statistics, `Estimator.factor_shapes`), with the
+    block-tridiagonal chains' cross moments.
+  """
+  shapes = est.factor_shapes()
+  kept = {}
+  for layer in est.layers:
+    own = blocks.for_layer(layer).init(layer, shapes[layer.name])
+    kept[layer.name] = {**own, **{k: s for k, s in shapes[layer.name].items()
+                                  if k.endswith("_next")}}
+  return kept
+
+
 def check_stats(stats: Any, est: Estimator, factors: dict[str, Any]) -> dict[str, Any]:
   """Checks the `stats` passed to `update`.
 
@@ -388,7 +427,8 @@ def check_stats(stats: Any, est: Estimator, factors: dict[str, Any]) -> dict[str
         f"this transform was built with (id {est.id}). Build the optimizer with the "
         "estimator you call in the training step: jkfac.kfac(est, ...).")
   batch = {name: stats.factors.get(name) for name in factors}
-  if jax.tree.structure(batch) != jax.tree.structure(factors):
+  if any(batch[name] is None or not set(factors[name]) <= set(batch[name])
+         for name in factors):
     raise ValueError(
         "stats do not have the factors this transform keeps. A transform with "
         "structure='block_tridiagonal' needs cross moments the estimator computes only "

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jkfac import linalg
 from jkfac.blocks import dense
 from jkfac.blocks.base import row_weights
+from jkfac.damping import Damping
 from jkfac.sharding import row_products
 
 Array = jax.Array
@@ -46,10 +47,10 @@ def eligible(layer: Any, uses: Sequence[Any]) -> bool:
     uses: its uses (`tracing.Use`).
 
   Returns:
-    True for a dense layer with one use whose input and output are 2-D and
-    whose input's feature axis is the last.
+    True for a dense layer with its Kronecker block and one use whose input
+    and output are 2-D and whose input's feature axis is the last.
   """
-  if layer.kind != "dense" or len(uses) != 1:
+  if layer.kind != "dense" or layer.block or len(uses) != 1:
     return False
   use = uses[0]
   return len(use.x_shape) == 2 and len(use.out_shape) == 2 and use.x_axes == (1,)
@@ -147,12 +148,11 @@ def inverses(factors: Sequence[dict[str, Array]], damping: Array,
     Per layer: the damped inverses `A_inv`, `G_inv` and π for the last;
     `psi_A`, `psi_G`, `K_A`, `K_G` and `scale = 1 / (1 - d^A d^G^T)` for the others.
   """
-  root = jnp.sqrt(damping)
   damped, inverted = [], []
   for f in factors:
-    pi = linalg.pi_factor(f["A"], f["G"])
+    shift_a, shift_g, pi = Damping(damping).kronecker(f["A"], f["G"])
     pair = []
-    for matrix, shift in ((f["A"], pi * root), (f["G"], root / pi)):
+    for matrix, shift in ((f["A"], shift_a), (f["G"], shift_g)):
       shift = linalg.floored_shift(matrix, shift)
       pair.append((matrix + shift * jnp.eye(matrix.shape[0], dtype=matrix.dtype),
                    linalg.damped_inverse(matrix, shift, method)))

@@ -1,25 +1,18 @@
 # Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
-"""Curvature blocks, one file each, registered here by kind.
+"""Curvature blocks, one file each, registered here by name.
 
 A block is an instance of a subclass of the protocol `jkfac.blocks.base.Block`,
-which documents its methods in full, with:
+which documents its life cycle in full: `statistics` (in the estimator),
+`init`, `accumulate`, `refresh` (given a `jkfac.damping.Damping`),
+`precondition`, `describe` and `diagnostics`. `REGISTRY` maps a name to its
+block: each layer kind's default block is registered under the kind's name
+(`"dense"`, `"conv"`, ...), and the blocks `overrides=` may choose under the
+choice's name (`"diagonal"`, `"full"`, `"none"`, ...; a block's `kinds` says
+which layers it may be chosen for). A new block is one file and one line
+here.
 
-- `roles`: the names of the parameters it owns, in order (`("kernel", "bias")`);
-  the first is required, the others optional.
-- `needs`: `"activations"` (layer inputs and output derivatives),
-  `"per_example_gradients"` or `"nothing"`. A block that needs per-example
-  gradients has `gradient_moment(grads, dtype)`, the moment of one example's
-  gradients (per parameter, shape `(K, *shape)` for K curvature passes); the
-  estimator sums it over examples into `captures.gradient_moment`.
-- `statistics(layer, captures) -> dict`: this batch's factors.
-- `inverse(layer, factors, damping, method) -> dict`: what `precondition`
-  needs; `method` is `"cholesky"` or `"eigh"` (`linalg.damped_inverse`).
-- `precondition(layer, inverse, grads) -> tuple`: the preconditioned gradients
-  of the layer's parameters, in `layer.params` order.
-- `describe(layer) -> str`: the factor shapes for the layer table.
-
-A stack of layers (`Layer.stack`) gets its kind's block once per slice,
-batched (`jkfac.blocks.stacked`): use `for_layer(layer)`.
+A stack of layers (`Layer.stack`) gets its block once per slice, batched
+(`jkfac.blocks.stacked`): use `for_layer(layer)`.
 """
 
 from __future__ import annotations
@@ -43,16 +36,17 @@ REGISTRY: dict[str, Block] = {
 }
 
 
-def get(kind: str) -> Block:
-  """The block registered for a layer kind.
+def get(name: str) -> Block:
+  """The block registered under a name.
 
   Args:
-    kind: a key of `REGISTRY` (`"dense"`, `"conv"`, ...), as in `Layer.kind`.
+    name: a key of `REGISTRY`: a layer kind (`"dense"`, `"conv"`, ...: its
+      default block) or an `overrides=` choice (`"diagonal"`, ...).
 
   Returns:
-    `REGISTRY[kind]`.
+    `REGISTRY[name]`.
   """
-  return REGISTRY[kind]
+  return REGISTRY[name]
 
 
 def for_layer(layer: Layer) -> Block:
@@ -62,9 +56,9 @@ def for_layer(layer: Layer) -> Block:
     layer: a `tracing.Layer`.
 
   Returns:
-    The `Block`.
+    The `Block`: the one `overrides=` chose (`Layer.block`), else its kind's.
   """
-  block = REGISTRY[layer.kind]
+  block = REGISTRY[layer.block or layer.kind]
   if layer.stack and block.needs != "nothing":
     return stacked.Stacked(block, layer.stack)
   return block

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from jkfac import sharding
+from jkfac import linalg, sharding
+from jkfac.damping import Damping
 
 Array = jax.Array
 
@@ -98,27 +99,93 @@ def with_bias_moments(second_moment: Array, mean: Array) -> Array:
 class Block(Protocol):
   """A curvature block: the Fisher approximation of one layer's parameters.
 
-  Blocks are stateless, one instance per kind (`jkfac.blocks.REGISTRY`); the
-  block classes of `jkfac.blocks` subclass this protocol. For every batch the
-  estimator computes a layer's factors with `statistics`; the transform
-  averages them over batches, inverts the damped averages with `inverse`
-  every `inverse_every` updates, and preconditions the layer's gradients with
-  `precondition`. A block that needs per-example gradients also has
-  `gradient_moment(grads, dtype)`, the moment of one example's gradients (per
-  parameter, shape `(K, *shape)` for K curvature passes), which the estimator
-  sums over examples into `Captures.gradient_moment`.
+  Blocks are stateless objects, one instance per registry entry
+  (`jkfac.blocks.REGISTRY`); what changes lives in the optimizer state, as
+  two dicts per layer: the moving averages of its statistics (`factors`) and
+  what its preconditioning needs (`inverses`). The life cycle of a layer's
+  block, over training:
+
+  1. `statistics`, in the estimator: this batch's factors from what it
+     captured (inputs and output derivatives, or per-example gradients).
+  2. `init`, once: which of those statistics the state keeps as moving
+     averages (all of them by default), hence the state's shapes.
+  3. Every update, the transform averages the kept statistics,
+     `X ← ε X + (1 - ε) X_batch`; a block with `accumulates` also updates
+     its own state from the batch (`accumulate`: EK-FAC's eigenvalues,
+     measured in the eigenbasis of the last refresh).
+  4. Every `inverse_every` updates, `refresh`: the inverses (or whatever
+     `precondition` needs) from the averages, damped by a `Damping` value
+     (not for inverse-free blocks, without `refreshes`).
+  5. Every update, `precondition`: the gradients times the inverse.
+  6. `describe` for the layer table; `diagnostics` for figures of its own.
+
+  A block that needs per-example gradients also has `gradient_moment(grads,
+  dtype)`, the moment of one example's gradients (per parameter, shape
+  `(K, *shape)` for K curvature passes), which the estimator sums over
+  examples into `Captures.gradient_moment`.
 
   Attributes:
     roles: the names of the parameters it owns, in order (`("kernel", "bias")`);
       the first is required, the others optional.
     needs: what the estimator captures for it: `"activations"` (layer inputs
       and output derivatives), `"per_example_gradients"` or `"nothing"`.
+    kinds: the layer kinds it can be chosen for with `overrides=` (None:
+      any layer; empty: only the kinds whose default block it is).
+    kronecker: whether it is a Kronecker-factored block (`overrides=
+      {...: "kronecker"}` keeps such a default block).
+    accumulates: whether `accumulate` updates its state at every update.
+    refreshes: whether the transform calls `refresh` (an inverse-free block
+      keeps what `accumulate` makes, and `refresh` only gives its state's
+      shapes).
+    summable: whether a batch's statistics average over batches
+      (`jkfac.MultiSteps` averages micro-batches' statistics).
   """
   roles: tuple[str, ...]
   needs: str
+  kinds: Optional[tuple[str, ...]] = ()
+  kronecker: bool = False
+  accumulates: bool = False
+  refreshes: bool = True
+  summable: bool = True
+
+  def assign(self, layer: Any, name: str, note: str) -> tuple[Any, ...]:
+    """The layers this block preconditions when `overrides=` chooses it for `layer`.
+
+    Called only for layers it may be chosen for (`kinds`).
+
+    Args:
+      layer: the layer found (`tracing.Layer`).
+      name: the block's name in `jkfac.blocks.REGISTRY` (the choice).
+      note: how the layer table explains the choice.
+
+    Returns:
+      The layers replacing it: by default the same layer, its `block`
+      set to `name`; layers with no uses (`needs` not `"activations"`) when
+      the block works from per-example gradients or from nothing.
+    """
+    return (dataclasses.replace(layer, block=name, note=note),)
+
+  def choose(self, layer: Any, choice: str, note: str) -> Optional[Any]:
+    """The layer, when its default block makes `choice` itself.
+
+    A scale-and-shift layer's block computes a diagonal or full Fisher
+    from its captures, cheaper than the per-example gradients the
+    `"diagonal"` and `"full"` blocks need.
+
+    Args:
+      layer: a layer whose default block this is.
+      choice: the `overrides=` choice (a name in `jkfac.blocks.REGISTRY`).
+      note: how the layer table explains the choice.
+
+    Returns:
+      The layer with options that make this block compute `choice`, or
+      None (the default) when the chosen block takes the layer.
+    """
+    del layer, choice, note
+    return None
 
   def statistics(self, layer: Any, captures: Captures) -> dict[str, Array]:
-    """This batch's factors of a layer.
+    """This batch's statistics of a layer.
 
     Args:
       layer: the layer (`tracing.Layer`): its parameters and options.
@@ -127,22 +194,61 @@ class Block(Protocol):
         gradient moment.
 
     Returns:
-      The factors, name -> array in `captures.dtype` (`{"A": ..., "G": ...}`
+      The statistics, name -> array in `captures.dtype` (`{"A": ..., "G": ...}`
       for a Kronecker block), with the same structure, shapes and dtypes for
-      every batch: the transform averages them over batches.
+      every batch.
     """
     ...
 
-  def inverse(self, layer: Any, factors: dict[str, Array], damping: Array,
-              method: str = "cholesky") -> dict[str, Array]:
-    """What `precondition` needs: the inverse of the damped block, or its parts.
+  def init(self, layer: Any, statistics: dict[str, Any]) -> dict[str, Any]:
+    """The statistics the state keeps as moving averages (its `factors`).
 
     Args:
       layer: the layer (`tracing.Layer`).
-      factors: the factors averaged over batches, structured as `statistics`
-        returns them.
-      damping: λ, a positive scalar in the factor dtype: the block
-        approximates the inverse of `F + λ I`.
+      statistics: the shapes and dtypes of a batch's statistics
+        (`jax.ShapeDtypeStruct`s, structured as `statistics` returns them).
+
+    Returns:
+      The entries of `statistics` to average over batches: all of them
+      unless the block overrides this.
+    """
+    del layer
+    return statistics
+
+  def accumulate(self, layer: Any, inverses: dict[str, Array], batch: dict[str, Array],
+                 decay: float, damping: Damping, device_mean: Callable[[Array], Array]
+                 ) -> dict[str, Array]:
+    """Updates the block's own state from a batch (blocks with `accumulates`).
+
+    Called at every update with finite statistics, before a refresh (whose
+    result replaces what this returns) and the preconditioning.
+
+    Args:
+      layer: the layer (`tracing.Layer`).
+      inverses: what `refresh` returned (zeros before the first), as updated
+        by the previous calls.
+      batch: this batch's statistics, as `statistics` returned them.
+      decay: the transform's moving-average decay.
+      damping: the damping now (λ of this update).
+      device_mean: the mean over the devices of an array computed from
+        this device's batch (under `pmap`; the identity otherwise).
+
+    Returns:
+      The new `inverses`: unchanged unless the block overrides this.
+    """
+    del layer, batch, decay, damping, device_mean
+    return inverses
+
+  def refresh(self, layer: Any, factors: dict[str, Array], damping: Damping,
+              method: str = "cholesky") -> dict[str, Array]:
+    """What `precondition` needs, from the averaged factors: the damped inverses.
+
+    Args:
+      layer: the layer (`tracing.Layer`).
+      factors: the factors averaged over batches, as `init` keeps them.
+      damping: λ (`jkfac.damping.Damping`): the block approximates the
+        inverse of `F + λ I`, applying it plainly or factored between its
+        Kronecker factors.
       method: how to invert a damped symmetric factor, `"cholesky"` or
         `"eigh"` (`linalg.damped_inverse`); unused by blocks with no matrix
         to factorise.
@@ -160,7 +266,7 @@ class Block(Protocol):
 
     Args:
       layer: the layer (`tracing.Layer`).
-      inverse: what `inverse` returned.
+      inverse: what `refresh` (and `accumulate`) returned.
       grads: the gradients of the layer's parameters, in `layer.params` order.
 
     Returns:
@@ -179,6 +285,59 @@ class Block(Protocol):
       A short description, such as `"A 785x785, G 10x10"`.
     """
     ...
+
+  def diagnostics(self, layer: Any, inverse: dict[str, Array]) -> dict[str, Array]:
+    """Figures of the block's own for `jkfac.diagnostics`.
+
+    `jkfac.diagnostics` reports every block's damping, π, and its factors'
+    traces and condition numbers; a block adds what only it knows.
+
+    Args:
+      layer: the layer (`tracing.Layer`).
+      inverse: its inverses (whole, as `refresh` and `accumulate` made them).
+
+    Returns:
+      Name -> scalar array; none unless the block overrides this.
+    """
+    del layer, inverse
+    return {}
+
+
+def per_parameter(layer: Any, kind: str, note: str) -> tuple[Any, ...]:
+  """One layer per parameter of `layer`, of `kind`, with no uses.
+
+  Args:
+    layer: the layer (`tracing.Layer`).
+    kind: the new layers' kind and block (`"diagonal"`, `"none"`).
+    note: how the layer table explains them.
+
+  Returns:
+    A layer per parameter, named by its path, the parameter in role
+    `"param"` (stacked parameters whole: a diagonal block per entry).
+  """
+  return tuple(type(layer)(p.path, kind, (dataclasses.replace(p, role="param"),), (), note)
+               for p in layer.params)
+
+
+def kronecker_inverses(a: Array, g: Array, damping: Damping, method: str = "cholesky"
+                       ) -> dict[str, Array]:
+  """Damped inverses of two Kronecker factors (factored Tikhonov, section 6.3).
+
+  `(A + π√λ I)^{-1}` and `(G + √λ/π I)^{-1}`, so that their Kronecker product
+  approximates `(A ⊗ G + λ I)^{-1}`.
+
+  Args:
+    a: the input-side factor `A`.
+    g: the output-side factor `G`.
+    damping: λ.
+    method: how to invert (`linalg.damped_inverse`).
+
+  Returns:
+    `{"A_inv": ..., "G_inv": ..., "pi": π}`.
+  """
+  shift_a, shift_g, pi = damping.kronecker(a, g)
+  return {"A_inv": linalg.damped_inverse(a, shift_a, method),
+          "G_inv": linalg.damped_inverse(g, shift_g, method), "pi": pi}
 
 
 def flatten(grads: Sequence[Array], dtype: Any) -> Array:

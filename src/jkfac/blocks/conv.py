@@ -35,8 +35,10 @@ import jax.numpy as jnp
 from jax import lax
 from typing_extensions import override
 
-from jkfac import linalg, sharding
-from jkfac.blocks.base import Block, Captures, row_weights, with_bias_moments
+from jkfac import sharding
+from jkfac.blocks.base import (Block, Captures, kronecker_inverses, row_weights,
+                               with_bias_moments)
+from jkfac.damping import Damping
 
 if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
   from jkfac.layers import Layer
@@ -206,11 +208,90 @@ def _kernel_from_matrix(matrix: Array, spec: ConvSpec, shape: Sequence[int]) -> 
   return jnp.transpose(kernel, [order.index(a) for a in range(len(shape))])
 
 
+def gradient_matrix(layer: Layer, grads: Sequence[Array], dtype: Any) -> Array:
+  """The gradients as per-group matrices `[∇W_j; ∇b_j]`, `(groups, d[+1], out/groups)`.
+
+  Args:
+    layer: the convolution (`tracing.Layer`), with its `ConvSpec` in option "conv".
+    grads: the kernel's gradient, and the bias's when the layer has one.
+    dtype: the matrices' dtype.
+
+  Returns:
+    Each group's kernel gradient as a matrix (input features and kernel
+    positions in the rows, as the patches lay them out), with the bias's
+    as a last row when the layer has one.
+  """
+  spec: ConvSpec = layer.option("conv")
+  v = _kernel_matrix(grads[0].astype(dtype), spec)
+  if layer.option("bias"):
+    v = jnp.concatenate([v, grads[1].astype(dtype).reshape(spec.groups, 1, -1)], axis=1)
+  return v
+
+
+def split_matrix(layer: Layer, u: Array, grads: Sequence[Array]) -> tuple[Array, ...]:
+  """Splits per-group matrices laid out as `gradient_matrix`'s back into the parameters.
+
+  Args:
+    layer: the convolution (`tracing.Layer`).
+    u: `(groups, d[+1], out/groups)`.
+    grads: the gradients of the layer's parameters: the shapes and dtypes to
+      give the pieces.
+
+  Returns:
+    The kernel, and the bias when the layer has one, shaped and typed as
+    `grads`.
+  """
+  spec: ConvSpec = layer.option("conv")
+  kernel_rows = u.shape[1] - (1 if layer.option("bias") else 0)
+  out = (_kernel_from_matrix(u[:, :kernel_rows], spec, grads[0].shape).astype(grads[0].dtype),)
+  if layer.option("bias"):
+    out += (u[:, -1].reshape(grads[1].shape).astype(grads[1].dtype),)
+  return out
+
+
+def patch_rows(layer: Layer, x: Array, dtype: Any) -> Array:
+  """The patches of one input, per group, with a trailing 1 for a bias.
+
+  Args:
+    layer: the convolution (`tracing.Layer`).
+    x: its input.
+    dtype: the rows' dtype.
+
+  Returns:
+    `(examples x locations, groups, d[+1])`, the rows in the order of the
+    output derivatives' `output_rows`.
+  """
+  spec: ConvSpec = layer.option("conv")
+  p = _patches(x.astype(dtype), spec, layer.params[0].shape)
+  p = p.reshape(p.shape[0], spec.groups, -1)
+  if layer.option("bias"):
+    p = jnp.concatenate([p, jnp.ones(p.shape[:-1] + (1,), p.dtype)], axis=-1)
+  return p
+
+
+def output_rows(layer: Layer, g: Array, dtype: Any) -> Array:
+  """The output derivatives of one use as rows per group.
+
+  Args:
+    layer: the convolution (`tracing.Layer`).
+    g: the output derivatives, `(K, *out_shape)`.
+    dtype: the rows' dtype.
+
+  Returns:
+    `(K, examples x locations, groups, out/groups)`.
+  """
+  spec: ConvSpec = layer.option("conv")
+  order = (0, 1 + spec.out_spec[0], *(1 + a for a in spec.out_spec[2:]), 1 + spec.out_spec[1])
+  g = jnp.transpose(g.astype(dtype), order)  # examples, locations as the patches', features
+  return g.reshape(g.shape[0], -1, spec.groups, g.shape[-1] // spec.groups)
+
+
 class ConvBlock(Block):
   """Kronecker-factored block of a convolution, one per feature group."""
 
   roles = ("kernel", "bias")
   needs = "activations"
+  kronecker = True
 
   def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Returns per-group `A` (patch second moments) and `G` of this batch.
@@ -241,7 +322,7 @@ class ConvBlock(Block):
       a = with_bias_moments(a, sums / rows)
     return {"A": a, "G": g_cov}
 
-  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
+  def refresh(self, layer: Layer, factors: dict[str, Array], damping: Damping,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns each group's damped factor inverses (factored Tikhonov with π).
 
@@ -253,11 +334,10 @@ class ConvBlock(Block):
 
     Returns:
       `{"A_inv", "G_inv", "pi"}` as for a dense layer
-      (`linalg.kronecker_inverses`), each with a leading group axis.
+      (`base.kronecker_inverses`), each with a leading group axis.
     """
-    a_inv, g_inv, pi = jax.vmap(
-        lambda a, g: linalg.kronecker_inverses(a, g, damping, method))(factors["A"], factors["G"])
-    return {"A_inv": a_inv, "G_inv": g_inv, "pi": pi}
+    return jax.vmap(lambda a, g: kronecker_inverses(a, g, damping, method))(
+        factors["A"], factors["G"])
 
   def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
@@ -265,25 +345,15 @@ class ConvBlock(Block):
 
     Args:
       layer: the layer (`tracing.Layer`), with its `ConvSpec` in option "conv".
-      inverse: the per-group damped inverses `A_inv` and `G_inv` (`inverse`).
+      inverse: the per-group damped inverses `A_inv` and `G_inv` (`refresh`).
       grads: the kernel's gradient, and the bias's when the layer has one.
 
     Returns:
       The preconditioned kernel gradient, and bias gradient if any, shaped
       and typed as `grads`.
     """
-    spec: ConvSpec = layer.option("conv")
-    dtype = inverse["A_inv"].dtype
-    v = _kernel_matrix(grads[0].astype(dtype), spec)
-    kernel_rows = v.shape[1]
-    if layer.option("bias"):
-      v = jnp.concatenate([v, grads[1].astype(dtype).reshape(spec.groups, 1, -1)], axis=1)
-    u = inverse["A_inv"] @ v @ inverse["G_inv"]
-    kernel = _kernel_from_matrix(u[:, :kernel_rows], spec, grads[0].shape)
-    out = (kernel.astype(grads[0].dtype),)
-    if layer.option("bias"):
-      out += (u[:, -1].reshape(grads[1].shape).astype(grads[1].dtype),)
-    return out
+    v = gradient_matrix(layer, grads, inverse["A_inv"].dtype)
+    return split_matrix(layer, inverse["A_inv"] @ v @ inverse["G_inv"], grads)
 
   @override
   def describe(self, layer: Layer) -> str:

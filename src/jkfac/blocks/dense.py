@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 from typing_extensions import override
 
-from jkfac import linalg
-from jkfac.blocks.base import Block, Captures, row_weights, with_bias_moments
+from jkfac.blocks.base import (Block, Captures, kronecker_inverses, row_weights,
+                               with_bias_moments)
+from jkfac.damping import Damping
 from jkfac.sharding import row_products
 
 if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
@@ -140,11 +141,52 @@ def split_matrix(layer: Layer, u: Array, grads: Sequence[Array]) -> tuple[Array,
   return (pieces[0], u[start].reshape(bias.shape).astype(bias.dtype), *pieces[1:])
 
 
+def _pairs(captures: Captures) -> list[tuple[Array, Array]]:
+  """Per use, the input `(..., in)` and output derivatives `(K, ..., out)`, features last."""
+  dtype = captures.dtype
+  return [(_features_last(x, use.x_axes, dtype),
+           _features_last(g, [a + 1 for a in use.out_axes], dtype))  # g's axis 0: passes
+          for use, x, g in zip(captures.uses, captures.inputs, captures.output_grads)]
+
+
+def rows(layer: Layer, captures: Captures) -> tuple[Array, Array]:
+  """The rows whose outer products the factors average: `ā` and `g`, all uses together.
+
+  The gradient of one row is `ā g^T` (summed over the curvature passes'
+  `g`s in second moments), so per-row statistics of the kernel, such as
+  EK-FAC's, come from these.
+
+  Args:
+    layer: the dense layer (`tracing.Layer`).
+    captures: its inputs and output derivatives, one entry per use.
+
+  Returns:
+    `(ā, g)`: shapes `(R, in[+1])` (a trailing 1 with a bias) and
+    `(K, R, out)`. With K-FAC-expand every position of every use is a row;
+    with K-FAC-reduce (option `weight_sharing`) a row per example: its
+    inputs averaged and its output derivatives summed over positions and
+    uses. The output derivatives carry a masked loss's weights.
+  """
+  pairs = _pairs(captures)
+  if layer.option("weight_sharing", "expand") == "reduce":
+    count = sum(math.prod(x.shape[1:-1]) for x, _ in pairs)
+    a = sum(jnp.sum(x.reshape(x.shape[0], -1, x.shape[-1]), axis=1) for x, _ in pairs) / count
+    g = sum(jnp.sum(g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]), axis=2)
+            for _, g in pairs)
+  else:
+    a = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x, _ in pairs], axis=0)
+    g = jnp.concatenate([g.reshape(g.shape[0], -1, g.shape[-1]) for _, g in pairs], axis=1)
+  if layer.option("bias"):
+    a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+  return a, g
+
+
 class DenseBlock(Block):
   """Kronecker-factored block of a dense layer."""
 
   roles = ("kernel", "bias")
   needs = "activations"
+  kronecker = True
 
   def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Returns `A` (with the bias row and column) and `G` of this batch.
@@ -157,9 +199,7 @@ class DenseBlock(Block):
       `{"A": (in[+1], in[+1]), "G": (out, out)}`.
     """
     dtype = captures.dtype
-    pairs = [(_features_last(x, use.x_axes, dtype),
-              _features_last(g, [a + 1 for a in use.out_axes], dtype))  # g's axis 0: passes
-             for use, x, g in zip(captures.uses, captures.inputs, captures.output_grads)]
+    pairs = _pairs(captures)
     # With a masked loss, rows weighted by their terms' weights (mean 1).
     weights = [row_weights(captures.weights, x.shape[:-1], dtype) for x, _ in pairs]
     weighted = [x if w is None else x * w[..., None] for (x, _), w in zip(pairs, weights)]
@@ -186,7 +226,7 @@ class DenseBlock(Block):
       a = with_bias_moments(a, mean)
     return {"A": a, "G": g_cov}
 
-  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
+  def refresh(self, layer: Layer, factors: dict[str, Array], damping: Damping,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns the damped factor inverses (factored Tikhonov with π).
 
@@ -198,10 +238,9 @@ class DenseBlock(Block):
 
     Returns:
       `{"A_inv": (A + π√λ I)^{-1}, "G_inv": (G + √λ/π I)^{-1}, "pi": π}`
-      (`linalg.kronecker_inverses`).
+      (`base.kronecker_inverses`).
     """
-    a_inv, g_inv, pi = linalg.kronecker_inverses(factors["A"], factors["G"], damping, method)
-    return {"A_inv": a_inv, "G_inv": g_inv, "pi": pi}
+    return kronecker_inverses(factors["A"], factors["G"], damping, method)
 
   def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
@@ -209,7 +248,7 @@ class DenseBlock(Block):
 
     Args:
       layer: the layer (`tracing.Layer`).
-      inverse: the damped inverses `A_inv` and `G_inv` (`inverse`).
+      inverse: the damped inverses `A_inv` and `G_inv` (`refresh`).
       grads: the kernel's gradient, and the bias's when the layer has one.
 
     Returns:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import jax
 from typing_extensions import override
 
-from jkfac.blocks.base import Block, Captures
+from jkfac.blocks.base import Block, Captures, per_parameter
+from jkfac.damping import Damping
 
 if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
   from jkfac.layers import Layer
@@ -33,6 +34,11 @@ class DiagonalBlock(Block):
 
   roles = ("param",)
   needs = "per_example_gradients"
+  kinds = None
+
+  @override
+  def assign(self, layer: Layer, name: str, note: str) -> tuple[Layer, ...]:
+    return per_parameter(layer, name, note)
 
   def gradient_moment(self, grads: Sequence[Array], dtype: Any) -> Array:
     """`Σ_k g_k²` of one example's gradients over the curvature passes.
@@ -59,7 +65,7 @@ class DiagonalBlock(Block):
     """
     return {"diag": captures.gradient_moment.astype(captures.dtype)}
 
-  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
+  def refresh(self, layer: Layer, factors: dict[str, Array], damping: Damping,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns `1 / (diag + λ)`.
 
@@ -73,7 +79,7 @@ class DiagonalBlock(Block):
       `{"diag_inv": 1 / (max(diag, 0) + λ)}`: entries of `diag` that round-off
       made negative count as 0.
     """
-    return {"diag_inv": 1.0 / (jax.numpy.maximum(factors["diag"], 0.0) + damping)}
+    return {"diag_inv": 1.0 / (jax.numpy.maximum(factors["diag"], 0.0) + damping.value)}
 
   def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
@@ -81,7 +87,7 @@ class DiagonalBlock(Block):
 
     Args:
       layer: the layer (`tracing.Layer`); unused.
-      inverse: `diag_inv` (`inverse`).
+      inverse: `diag_inv` (`refresh`).
       grads: the one parameter's gradient.
 
     Returns:

@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from jkfac import linalg
 from jkfac.blocks.base import Block, Captures, row_weights
+from jkfac.damping import Damping
 from jkfac.sharding import row_products
 
 if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
@@ -34,6 +35,7 @@ class EmbeddingBlock(Block):
 
   roles = ("table",)
   needs = "activations"
+  kronecker = True
 
   def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Returns `{"A": id frequencies (vocab,), "G": (features, features)}`.
@@ -62,7 +64,7 @@ class EmbeddingBlock(Block):
       g_cov = g_cov + row_products(g_rows, g_rows)
     return {"A": counts / rows, "G": g_cov}
 
-  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
+  def refresh(self, layer: Layer, factors: dict[str, Array], damping: Damping,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns `1 / (A + π√λ)` and `(G + √λ/π I)^{-1}` (factored Tikhonov).
 
@@ -74,13 +76,12 @@ class EmbeddingBlock(Block):
 
     Returns:
       `{"A_inv": (vocab,), "G_inv": (features, features), "pi": π}`, with π
-      from the traces of `diag(A)` and `G` (`linalg.pi_from_traces`).
+      from the traces of `diag(A)` and `G` (`Damping.factored`).
     """
     a, g = factors["A"], factors["G"]
-    pi = linalg.pi_from_traces(jnp.sum(a), a.shape[0], jnp.trace(g), g.shape[0])
-    root = jnp.sqrt(damping).astype(a.dtype)
-    return {"A_inv": 1.0 / (jnp.maximum(a, 0.0) + pi * root),
-            "G_inv": linalg.damped_inverse(g, root / pi, method), "pi": pi}
+    shift_a, shift_g, pi = damping.factored(jnp.sum(a), a.shape[0], jnp.trace(g), g.shape[0])
+    return {"A_inv": 1.0 / (jnp.maximum(a, 0.0) + shift_a),
+            "G_inv": linalg.damped_inverse(g, shift_g, method), "pi": pi}
 
   def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
@@ -88,7 +89,7 @@ class EmbeddingBlock(Block):
 
     Args:
       layer: the layer (`tracing.Layer`); unused.
-      inverse: `A_inv` and `G_inv` (`inverse`).
+      inverse: `A_inv` and `G_inv` (`refresh`).
       grads: the table's gradient, shape `(vocab, features)`.
 
     Returns:

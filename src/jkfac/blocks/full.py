@@ -21,7 +21,9 @@ import jax.numpy as jnp
 from typing_extensions import override
 
 from jkfac import linalg
+from jkfac.blocks import stacked
 from jkfac.blocks.base import Block, Captures, flatten, unflatten
+from jkfac.damping import Damping
 from jkfac.sharding import row_products
 
 if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
@@ -36,6 +38,30 @@ class FullBlock(Block):
 
   roles = ("param",)
   needs = "per_example_gradients"
+  kinds = None
+
+  @override
+  def assign(self, layer: Layer, name: str, note: str) -> tuple[Layer, ...]:
+    """The layer as one full block (per layer of a stack).
+
+    Args:
+      layer: the layer found (`tracing.Layer`).
+      name: `"full"`.
+      note: how the layer table explains the choice.
+
+    Returns:
+      The layer, of kind `"full"`, with no uses.
+
+    Raises:
+      ValueError: it has more than `MAX_SIZE` parameter entries.
+    """
+    size = size_of(stacked.unstacked(layer) if layer.stack else layer)
+    if size > MAX_SIZE:
+      raise ValueError(
+          f"overrides: layer {layer.name!r} has {size} parameter entries, too many for a "
+          f"'full' block (at most {MAX_SIZE}: its matrix would have {size}^2 "
+          "entries). Use 'kronecker' or 'diagonal' for it.")
+    return (type(layer)(layer.name, name, layer.params, (), note, layer.stack),)
 
   def gradient_moment(self, grads: Sequence[Array], dtype: Any) -> Array:
     """`Σ_k v_k v_k^T` of one example's gradients over the curvature passes.
@@ -64,7 +90,7 @@ class FullBlock(Block):
     """
     return {"full": captures.gradient_moment.astype(captures.dtype)}
 
-  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
+  def refresh(self, layer: Layer, factors: dict[str, Array], damping: Damping,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns `(F + λ I)^{-1}`.
 
@@ -77,7 +103,7 @@ class FullBlock(Block):
     Returns:
       `{"full_inv": (P, P)}`.
     """
-    return {"full_inv": linalg.damped_inverse(factors["full"], damping, method)}
+    return {"full_inv": linalg.damped_inverse(factors["full"], damping.value, method)}
 
   def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
@@ -85,7 +111,7 @@ class FullBlock(Block):
 
     Args:
       layer: the layer (`tracing.Layer`); unused.
-      inverse: `full_inv` (`inverse`).
+      inverse: `full_inv` (`refresh`).
       grads: the gradients of the layer's parameters, in `layer.params`
         order; `∇θ` is their concatenation, flattened (`base.flatten`).
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Sequence
 import jax
 from typing_extensions import override
 
-from jkfac.blocks.base import Block, Captures
+from jkfac.blocks.base import Block, Captures, per_parameter
+from jkfac.damping import Damping
 
 if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
   from jkfac.layers import Layer
@@ -22,19 +23,24 @@ Array = jax.Array
 class NoneBlock(Block):
   """Identity preconditioning of one parameter.
 
-  It has no factors and no inverses (`statistics` and `inverse` return `{}`),
+  It has no factors and no inverses (`statistics` and `refresh` return `{}`),
   and `precondition` returns the gradients unchanged.
   """
 
   roles = ("param",)
   needs = "nothing"
+  kinds = None
+
+  @override
+  def assign(self, layer: Layer, name: str, note: str) -> tuple[Layer, ...]:
+    return per_parameter(layer, name, note)
 
   @override
   def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     return {}
 
   @override
-  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
+  def refresh(self, layer: Layer, factors: dict[str, Array], damping: Damping,
               method: str = "cholesky") -> dict[str, Array]:
     return {}
 

@@ -12,7 +12,8 @@ shift together) with the layer option `full`, affordable for the usual sizes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import dataclasses
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from typing_extensions import override
 
 from jkfac.blocks import diagonal, full
 from jkfac.blocks.base import Block, Captures, flatten, unflatten
+from jkfac.damping import Damping
 from jkfac.sharding import row_products
 
 if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
@@ -50,6 +52,13 @@ class ScaleAndShiftBlock(Block):
   roles = ("scale", "shift")
   needs = "activations"
 
+  @override
+  def choose(self, layer: Layer, choice: str, note: str) -> Optional[Layer]:
+    if choice not in ("diagonal", "full"):
+      return None
+    options = tuple(o for o in layer.options if o[0] != "full") + (("full", choice == "full"),)
+    return dataclasses.replace(layer, options=options, note=note)
+
   def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Returns `{"diag": ...}` (or `{"full": ...}` with option `full`) of this batch.
 
@@ -69,7 +78,7 @@ class ScaleAndShiftBlock(Block):
       return {"full": row_products(grads, grads)}
     return {"diag": jnp.sum(jnp.square(grads), axis=0)}
 
-  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
+  def refresh(self, layer: Layer, factors: dict[str, Array], damping: Damping,
               method: str = "cholesky") -> dict[str, Array]:
     """Returns `(F + λ I)^{-1}` (full) or `1 / (diag + λ)`.
 
@@ -81,11 +90,11 @@ class ScaleAndShiftBlock(Block):
         the diagonal.
 
     Returns:
-      `{"full_inv": (P, P)}` (`FullBlock.inverse`) or `{"diag_inv": (P,)}`
-      (`DiagonalBlock.inverse`).
+      `{"full_inv": (P, P)}` (`FullBlock.refresh`) or `{"diag_inv": (P,)}`
+      (`DiagonalBlock.refresh`).
     """
     block = full.BLOCK if layer.option("full") else diagonal.BLOCK
-    return block.inverse(layer, factors, damping, method)
+    return block.refresh(layer, factors, damping, method)
 
   def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
@@ -93,7 +102,7 @@ class ScaleAndShiftBlock(Block):
 
     Args:
       layer: the layer (`tracing.Layer`), with option `full`.
-      inverse: `full_inv` or `diag_inv` (`inverse`).
+      inverse: `full_inv` or `diag_inv` (`refresh`).
       grads: the gradients of the scale and/or shift, in `layer.params` order.
 
     Returns:

@@ -26,6 +26,7 @@ import jax
 from typing_extensions import override
 
 from jkfac.blocks.base import Block, Captures
+from jkfac.damping import Damping
 
 if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
   from jkfac.layers import Layer
@@ -89,6 +90,33 @@ class Stacked(Block):
     self.stack = tuple(stack)
     self.roles = block.roles
     self.needs = block.needs
+    self.accumulates = block.accumulates
+    self.refreshes = block.refreshes
+    self.summable = block.summable
+
+  @override
+  def init(self, layer: Layer, statistics: dict[str, Any]) -> dict[str, Any]:
+    depth = len(layer.stack)
+    inner = {key: jax.ShapeDtypeStruct(s.shape[depth:], s.dtype) for key, s in statistics.items()}
+    kept = self.block.init(unstacked(layer), inner)
+    return {key: statistics[key] for key in kept}
+
+  def _per_slice(self, layer: Layer, function: Any, *trees: Any) -> Any:
+    """`function(one slice's layer, *slices)` over the stack, batched; stack axes leading."""
+    inner, depth = unstacked(layer), len(layer.stack)
+    merged = jax.tree.map(lambda x: _merge(x, 0, depth), trees)
+    return _split(jax.vmap(lambda *slices: function(inner, *slices))(*merged), layer.stack)
+
+  @override
+  def accumulate(self, layer: Layer, inverses: dict[str, Array], batch: dict[str, Array],
+                 decay: float, damping: Damping, device_mean: Any) -> dict[str, Array]:
+    return self._per_slice(layer, lambda inner, inv, b: self.block.accumulate(
+        inner, inv, b, decay, damping, device_mean), inverses, batch)
+
+  @override
+  def diagnostics(self, layer: Layer, inverse: dict[str, Array]) -> dict[str, Array]:
+    figures = self._per_slice(layer, self.block.diagnostics, inverse)
+    return jax.tree.map(lambda x: jax.numpy.max(x.reshape(-1)), figures)
 
   def statistics(self, layer: Layer, captures: Captures) -> dict[str, Array]:
     """Every slice's factors, stacked: leading axes `layer.stack`.
@@ -129,7 +157,7 @@ class Stacked(Block):
     out = jax.vmap(lambda gs: self.block.gradient_moment(gs, dtype), in_axes=1)(merged)
     return _split(out, self.stack)
 
-  def inverse(self, layer: Layer, factors: dict[str, Array], damping: Array,
+  def refresh(self, layer: Layer, factors: dict[str, Array], damping: Damping,
               method: str = "cholesky") -> dict[str, Array]:
     """Every slice's inverses, by one factorisation kernel per factor.
 
@@ -143,9 +171,12 @@ class Stacked(Block):
       The block's inverses with the stack's axes leading.
     """
     inner, depth = unstacked(layer), len(layer.stack)
+    if not jax.tree.leaves(factors):  # a block that keeps no factors: its start, per slice
+      start = self.block.refresh(inner, factors, damping, method)
+      return jax.tree.map(lambda x: jax.numpy.broadcast_to(x, layer.stack + x.shape), start)
     merged = jax.tree.map(lambda x: _merge(x, 0, depth), factors)
     batch_size = 1 if jax.default_backend() == "cpu" else math.prod(layer.stack)
-    out = jax.lax.map(lambda f: self.block.inverse(inner, f, damping, method), merged,
+    out = jax.lax.map(lambda f: self.block.refresh(inner, f, damping, method), merged,
                       batch_size=batch_size)
     return _split(out, layer.stack)
 
@@ -161,9 +192,8 @@ class Stacked(Block):
     Returns:
       The preconditioned gradients, shaped and typed as `grads`.
     """
-    inner, depth = unstacked(layer), len(layer.stack)
-    merged = jax.tree.map(lambda x: _merge(x, 0, depth), (inverse, list(grads)))
-    out = jax.vmap(lambda inv, g: tuple(self.block.precondition(inner, inv, g)))(*merged)
+    out = self._per_slice(layer, lambda inner, inv, g: tuple(
+        self.block.precondition(inner, inv, g)), inverse, list(grads))
     return tuple(g.reshape(like.shape) for g, like in zip(out, grads))
 
   @override
