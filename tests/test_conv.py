@@ -80,7 +80,11 @@ def _kernel_matrix(kernel, numbers):
 
 
 def _brute_force(case, params, x, y, numbers, groups, args, conv_out, loss_fn):
-  """A and G per group from the explicit patch matrix and per-example gradients."""
+  """A and G per group from the explicit patch matrix and per-example gradients.
+
+  Also returns the patch matrix and the output derivatives' rows (examples x
+  locations, the output's spatial order), unscaled.
+  """
   spatial = len(case["k"])
   pad = args["padding"]
   x_ncs = np.transpose(np.asarray(x), numbers.lhs_spec)
@@ -116,7 +120,7 @@ def _brute_force(case, params, x, y, numbers, groups, args, conv_out, loss_fn):
       p = np.concatenate([p, np.ones((p.shape[0], 1))], axis=1)
     gj = g_rows[:, j * per_group_out:(j + 1) * per_group_out]
     factors.append((p.T @ p / p.shape[0], gj.T @ gj / N))
-  return factors, w, per_group_in, per_group_out
+  return factors, w, per_group_in, per_group_out, patches, g_rows
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -124,7 +128,7 @@ def test_statistics_and_update_equal_the_patch_matrix_computation(name):
   case = CASES[name]
   setup = _setup(case)
   params, x, y, numbers, groups, args, conv_out, loss_fn = setup
-  factors, w, per_in, per_out = _brute_force(case, *setup)
+  factors, w, per_in, per_out, *_ = _brute_force(case, *setup)
   est = jkfac.estimator(loss_fn, params, x, y, mode="empirical")
   assert [l.kind for l in est.layers] == ["conv"], est.table()
   _, grads, stats = est(params, x, y)

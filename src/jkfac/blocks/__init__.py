@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from jkfac.blocks import conv, dense, diagonal, embedding, full, none, scale_and_shift, stacked
+from jkfac.blocks import (conv, dense, diagonal, ekfac, embedding, full, none, scale_and_shift,
+                          stacked)
 from jkfac.blocks.base import Block, Captures
 
 if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
@@ -29,6 +30,7 @@ REGISTRY: dict[str, Block] = {
     "conv": conv.BLOCK,
     "dense": dense.BLOCK,
     "diagonal": diagonal.BLOCK,
+    "ekfac": ekfac.BLOCK,
     "embedding": embedding.BLOCK,
     "full": full.BLOCK,
     "none": none.BLOCK,
