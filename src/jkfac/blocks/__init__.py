@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from jkfac.blocks import (conv, dense, diagonal, ekfac, embedding, full, none, scale_and_shift,
-                          stacked)
+                          singd, stacked)
 from jkfac.blocks.base import Block, Captures
 
 if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
@@ -35,6 +35,7 @@ REGISTRY: dict[str, Block] = {
     "full": full.BLOCK,
     "none": none.BLOCK,
     "scale_and_shift": scale_and_shift.BLOCK,
+    "singd": singd.BLOCK,
 }
 
 
