@@ -25,7 +25,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Mapping, Optional, Sequence
 
-from jkfac import blocks
+from jkfac import blocks, kinds
 
 
 def choices() -> tuple[str, ...]:
@@ -51,15 +51,14 @@ def _choice(layer: Any, overrides: Mapping[str, str], used: set[str]) -> Optiona
 def _assigned(layer: Any, choice: str) -> Optional[tuple[Any, ...]]:
   """The layers `choice` turns `layer` into, or None when it cannot apply."""
   note = f"override {choice!r}"
-  own = blocks.get(layer.kind)
+  own = blocks.get(kinds.default_block(layer.kind))
   if choice == "kronecker":
     return (layer,) if own.kronecker else None
   chosen = own.choose(layer, choice, note)
   if chosen is not None:
     return (chosen,)
-  block = blocks.get(choice)
-  if block.kinds is None or layer.kind in block.kinds:
-    return block.assign(layer, choice, note)
+  if choice in kinds.allowed_blocks(layer.kind):
+    return blocks.get(choice).assign(layer, choice, note)
   return None
 
 
