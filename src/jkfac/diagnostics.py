@@ -133,13 +133,13 @@ def diagnostics(est: Estimator, opt_state: Any, updates: Any = None,
     overall["update_norm"] = _norm([u for u in flat["updates"] if u is not None])
 
   layers = {}
-  factor_shapes = kept_shapes(est)
+  factor_shapes = kept_shapes(est, cross_moments=True)
   for layer in est.layers:
     if layer.name not in state.factors:  # another transform's, in an optax partition
       continue
     # A state split over devices (shard_state) stores padded arrays: `F_inv`
     # has `F`'s shape, π's padding (zeros) leaves its largest value.
-    shapes = factor_shapes[layer.name]
+    shapes = {key: factor_shapes[layer.name][key] for key in state.factors[layer.name]}
     factors = state_layout.load(state.factors[layer.name], shapes)
     inverse = {key: (state_layout.load(x, shapes[key[:-len("_inv")]])
                      if key.endswith("_inv") and key[:-len("_inv")] in shapes else x)

@@ -154,16 +154,19 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
                      "on), without axis_name (under pmap/shard_map the state is already "
                      "per device).")
   stored_on = mesh if shard_state else None
-  chains = est.request_cross_moments() if structure == "block_tridiagonal" else ()
-  chain_layers = [[est.layers[i] for i in chain] for chain in chains]
-  in_chain = {layer.name for chain in chain_layers for layer in chain}
-  layers = [layer for layer in est.layers if layer.name not in in_chain]
+  tridiagonal_chains = structure == "block_tridiagonal"
+  chains = est.request_cross_moments() if tridiagonal_chains else ()
+  in_chain = {i for chain in chains for i in chain}
+  layers = [layer for i, layer in enumerate(est.layers) if i not in in_chain]
   block_of = {layer.name: blocks.for_layer(layer) for layer in layers}
+  # Every block as a block over a group of layers: a layer's own, or a chain's.
+  groups = ([((layer,), blocks.OneLayer(block_of[layer.name])) for layer in layers]
+            + [(tuple(est.layers[i] for i in chain), tridiagonal.CHAIN) for chain in chains])
 
   def owned(present: tuple[bool, ...], where: str) -> set[str]:
     """The names of the layers whose parameters a (partitioned) pytree holds."""
     names = set()
-    for group in [[layer] for layer in layers] + chain_layers:
+    for group, _ in groups:
       held = [present[p.index] for layer in group for p in layer.params]
       if all(held):
         names.update(layer.name for layer in group)
@@ -192,8 +195,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
 
   @functools.lru_cache(maxsize=None)
   def partition_shapes(names: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    factor_shapes = {name: shapes for name, shapes in kept_shapes(est).items()
-                     if name in names}
+    factor_shapes = {name: shapes for name, shapes in
+                     kept_shapes(est, tridiagonal_chains).items() if name in names}
     lam = jax.ShapeDtypeStruct((), est.factor_dtype)
     return factor_shapes, jax.eval_shape(_inverses, factor_shapes, lam)
 
@@ -207,14 +210,14 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     # Inverse-free blocks have none at a refresh (`refreshed_only`).
     devices = 1 if spread_over is None else distributed.axis_size(spread_over)
     items = []  # (owners, piece of the stack or None, function)
-    for layer in layers:
-      if layer.name in factors and not (refreshed_only and not block_of[layer.name].refreshes):
-        for piece in _stack_pieces(layer.stack, devices):
-          items.append(([layer], piece, lambda layer=layer, piece=piece: [
-              _layer_inverse(layer, factors[layer.name], lam, piece)]))
-    items += [(chain, None, lambda chain=chain: tridiagonal.inverses(
-        [factors[l.name] for l in chain], lam, inverse_method))
-              for chain in chain_layers if chain[0].name in factors]
+    for group, block in groups:
+      if group[0].name not in factors or (refreshed_only and not block.refreshes):
+        continue
+      for piece in _stack_pieces(group[0].stack if len(group) == 1 else (), devices):
+        items.append((group, piece, lambda group=group, block=block, piece=piece: (
+            block.refresh(group, [factors[l.name] for l in group], Damping(lam),
+                          inverse_method) if piece is None
+            else [_piece_inverse(group[0], factors[group[0].name], lam, piece)])))
     functions = [f for _, _, f in items]
     if spread_over is not None:
       costs = [distributed.cubic_cost([_piece_of(factors[l.name], piece) for l in owners])
@@ -230,10 +233,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
             jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
             for name, parts in pieces.items()}
 
-  def _layer_inverse(layer, layer_factors, lam, piece):
-    """A layer's inverses, or those of the stack's layers `piece` = (start, stop)."""
-    if piece is None:
-      return block_of[layer.name].refresh(layer, layer_factors, Damping(lam), inverse_method)
+  def _piece_inverse(layer, layer_factors, lam, piece):
+    """The inverses of the stack's layers `piece` = (start, stop)."""
     part = dataclasses.replace(layer, stack=(piece[1] - piece[0],) + layer.stack[1:])
     return blocks.for_layer(part).refresh(part, _piece_of(layer_factors, piece), Damping(lam),
                                           inverse_method)
@@ -308,20 +309,12 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     # layer's products with its replicated inverses; updates sharded as they were.
     new_flat = list(flat_grads)
     gathered = lambda layer: [sharding.gathered(flat_grads[p.index]) for p in layer.params]
-    for layer in layers:
-      if layer.name not in factors:
+    for group, block in groups:
+      if group[0].name not in factors:
         continue
-      preconditioned = block_of[layer.name].precondition(layer, whole_inverses[layer.name],
-                                                         gathered(layer))
-      for p, g in zip(layer.params, preconditioned):
-        new_flat[p.index] = sharding.like(g, flat_grads[p.index])
-    for chain in chain_layers:
-      if chain[0].name not in factors:
-        continue
-      preconditioned = tridiagonal.precondition_layers(
-          chain, [whole_inverses[l.name] for l in chain],
-          [gathered(layer) for layer in chain])
-      for layer, layer_grads in zip(chain, preconditioned):
+      preconditioned = block.precondition(group, [whole_inverses[l.name] for l in group],
+                                          [gathered(layer) for layer in group])
+      for layer, layer_grads in zip(group, preconditioned):
         for p, g in zip(layer.params, layer_grads):
           new_flat[p.index] = sharding.like(g, flat_grads[p.index])
     new_updates = grads_view.rebuild(new_flat)
@@ -381,23 +374,27 @@ def _zeros(shapes: Any, traced: bool, mesh: Optional[jax.sharding.Mesh]) -> Any:
   return state_layout.zeros(shapes, mesh)
 
 
-def kept_shapes(est: Estimator) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+def kept_shapes(est: Estimator, cross_moments: bool = False
+                ) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
   """The shapes of the factors a `scale_by_kfac` state keeps, per layer.
 
   Args:
     est: the estimator.
+    cross_moments: whether the state keeps the block-tridiagonal chains'
+      cross moments (`structure="block_tridiagonal"`).
 
   Returns:
     Layer name -> the moving averages its block keeps (`Block.init` of the
-    shapes of its statistics, `Estimator.factor_shapes`), with the
-    block-tridiagonal chains' cross moments.
+    shapes of its statistics, `Estimator.factor_shapes`), and with
+    `cross_moments` those of its chain.
   """
   shapes = est.factor_shapes()
   kept = {}
   for layer in est.layers:
-    own = blocks.for_layer(layer).init(layer, shapes[layer.name])
-    kept[layer.name] = {**own, **{k: s for k, s in shapes[layer.name].items()
-                                  if k.endswith("_next")}}
+    own = {k: s for k, s in shapes[layer.name].items() if not k.endswith("_next")}
+    kept[layer.name] = {**blocks.for_layer(layer).init(layer, own),
+                        **{k: s for k, s in shapes[layer.name].items()
+                           if cross_moments and k.endswith("_next")}}
   return kept
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jkfac import linalg
 from jkfac.blocks import dense
-from jkfac.blocks.base import row_weights
+from jkfac.blocks.base import GroupBlock, row_weights
 from jkfac.damping import Damping
 from jkfac.sharding import row_products
 
@@ -211,6 +211,45 @@ def precondition_layers(layers: Sequence[Any], inverse: Sequence[dict[str, Array
   matrices = [dense.gradient_matrix(l, g, dtype) for l, g in zip(layers, grads)]
   return [dense.split_matrix(l, u, g)
           for l, u, g in zip(layers, precondition(inverse, matrices), grads)]
+
+
+class ChainBlock(GroupBlock):
+  """The block of a chain of dense layers: `Ξ^T Λ Ξ` (`inverses`, `precondition_layers`)."""
+
+  refreshes = True
+
+  def refresh(self, layers: Sequence[Any], factors: Sequence[dict[str, Array]],
+              damping: Damping, method: str) -> list[dict[str, Array]]:
+    """Returns `inverses(factors, λ, method)`.
+
+    Args:
+      layers: the chain's dense layers.
+      factors: per layer, `{"A", "G"}` and, for all but the last, the cross
+        moments `{"A_next", "G_next"}`.
+      damping: λ.
+      method: how the damped diagonal blocks are inverted.
+
+    Returns:
+      Per layer, what `precondition` needs.
+    """
+    return inverses(factors, damping.value, method)
+
+  def precondition(self, layers: Sequence[Any], inverses: Sequence[dict[str, Array]],
+                   grads: Sequence[Sequence[Array]]) -> list[tuple[Array, ...]]:
+    """Returns `precondition_layers(layers, inverses, grads)`.
+
+    Args:
+      layers: the chain's dense layers.
+      inverses: per layer, what `refresh` returned.
+      grads: per layer, its `(kernel, bias)` gradients.
+
+    Returns:
+      Per layer, the preconditioned gradients.
+    """
+    return precondition_layers(layers, inverses, grads)
+
+
+CHAIN = ChainBlock()
 
 
 def describe(layers: Sequence[Any], chains: Sequence[Sequence[int]]) -> str:
