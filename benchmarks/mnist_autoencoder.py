@@ -74,7 +74,7 @@ QUICK_ADAM_GRID = (1e-3,)
 QUICK_SGD_GRID = (0.01,)
 ALL = ("jkfac", "jkfac_fixed", "jkfac_fixed_eighth", "adam", "sgd",
        "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats", "jkfac_full_curvature",
-       "jkfac_tridiagonal", "jkfac_gamma", "jkfac_damping150")
+       "jkfac_tridiagonal", "jkfac_gamma", "jkfac_damping150", "jkfac_ekfac", "jkfac_singd")
 # Not in the default set of the full run (`--optimizers` asks for them).
 OPTIONAL = ("jkfac_damping150",)
 QUICK = ("jkfac", "adam", "sgd", "kfac_jax")
@@ -186,6 +186,11 @@ def _runs_in_float32(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[s
   if "jkfac_gamma" in wanted:
     runs.append(dict(name="jkfac gamma T2=20", kind="jkfac", **dict(
         JKFAC, curvature_fraction=1.0, gamma_interval=20)))
+  # Other blocks for every layer, jkfac's defaults otherwise: EK-FAC (George et
+  # al. 2018) and the inverse-free SINGD factors (Lin et al. 2024).
+  for block in ("ekfac", "singd"):
+    if f"jkfac_{block}" in wanted:
+      runs.append(dict(name=f"jkfac {block}", kind="jkfac", **dict(JKFAC, overrides={"*": block})))
   if "jkfac_full_stats" in wanted:
     runs.append(dict(name="jkfac full-batch stats", kind="jkfac",
                      **dict(JKFAC, stats_fraction=1.0, curvature_fraction=1.0)))
@@ -253,7 +258,8 @@ def make_step(run: dict[str, Any], params, example_batch, activation: str):
     import jkfac
     est = jkfac.estimator(functools.partial(autoencoder.jkfac_objective, activation=activation),
                           params, example_batch, stats_fraction=run["stats_fraction"],
-                          curvature_fraction=run.get("curvature_fraction", 1.0))
+                          curvature_fraction=run.get("curvature_fraction", 1.0),
+                          overrides=run.get("overrides"))
     options = dict(learning_rate=run["learning_rate"], momentum=run["momentum"],
                    damping=run["damping"], l2_reg=autoencoder.L2,
                    inverse_every=run["inverse_every"],
@@ -263,7 +269,8 @@ def make_step(run: dict[str, Any], params, example_batch, activation: str):
     run["optimizer_args"] = (
         "jkfac.kfac(est, " + ", ".join(f"{k}={v}" for k, v in options.items()) + "); estimator "
         f"stats_fraction={run['stats_fraction']}, "
-        f"curvature_fraction={run.get('curvature_fraction', 1.0)}")
+        f"curvature_fraction={run.get('curvature_fraction', 1.0)}"
+        + (f", overrides={run['overrides']}" if run.get("overrides") else ""))
 
     @jax.jit
     def step(params, state, batch, key):
@@ -371,6 +378,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
   ratio("jkfac gamma T2=20 / kfac-jax adaptive, step", "jkfac gamma T2=20", kfac_jax)
   ratio("jkfac from damping 150 / kfac-jax adaptive, step", "jkfac from damping 150", kfac_jax)
   ratio("jkfac / adam, step", "jkfac", "adam")
+  ratio("jkfac ekfac / jkfac, step", "jkfac ekfac", "jkfac")
+  ratio("jkfac singd / jkfac, step", "jkfac singd", "jkfac")
   ratio("jkfac / adam, first step", "jkfac", "adam", "first_step_s")
   ratio("jkfac / kfac-jax adaptive, state bytes", "jkfac", kfac_jax, "state_bytes")
   summary["ratios"] = ratios
