@@ -10,6 +10,7 @@ import brute_force as bf
 import jkfac
 from test_conv import CASES, _brute_force, _kernel_matrix, _setup
 from test_conv import N as CONV_N
+from test_scan import _ONCE  # in the newest-JAX suite only (CI time)
 
 KEY = jax.random.PRNGKey(0)
 SIZES = (3, 5, 4)
@@ -129,6 +130,7 @@ def test_convolution_measures_every_location_as_a_row(name):
     np.testing.assert_allclose(inverse["S"][j], expected, rtol=1e-9, atol=1e-14)
 
 
+@_ONCE
 def test_convolution_is_closer_to_the_exact_fisher_than_kfac():
   case = CASES["2d_same"]
   params, x, y, numbers, _, _, conv_out, loss_fn = _setup(case)
@@ -172,6 +174,7 @@ def test_one_step_solves_linear_least_squares_before_and_after_measuring():
     np.testing.assert_allclose(new["l0"]["b"], solution[-1], rtol=1e-6, atol=1e-8)
 
 
+@_ONCE
 def test_trains_jitted_with_the_adaptive_optimizer_and_reports_its_figures():
   params = bf.mlp_params(KEY, (6, 16, 4), dtype=jnp.float32)
   x, y = bf.classification_data(64, 6, 4)

@@ -9,6 +9,7 @@ import brute_force as bf
 import jkfac
 from jkfac.blocks import singd
 from test_conv import CASES, _kernel_matrix, _setup
+from test_scan import _ONCE  # in the newest-JAX suite only (CI time)
 
 KEY = jax.random.PRNGKey(0)
 SIZES = (3, 5, 4)
@@ -102,6 +103,7 @@ def test_convolution_updates_equal_the_dense_formulas_per_group(name):
   assert state.inverses[layer]["K"].shape == (groups, per_in + 1, per_in + 1)
 
 
+@_ONCE
 def test_trains_a_scanned_stack_jitted_with_the_adaptive_optimizer():
   depth, width = 3, 8
   ks = jax.random.split(KEY, 4)

@@ -23,20 +23,19 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from jkfac import (blocks, cotangents, curvature, interpret, layer_table, per_example,
-                   sharding, term_weights, tracing, trees, tridiagonal)
+from jkfac import (arguments, blocks, cotangents, curvature, layer_table, per_example,
+                   programs, sharding, term_weights, tracing, trees, tridiagonal)
 from jkfac import batch_axes as batching
+from jkfac.arguments import MODES, resolve_factor_dtype  # noqa: F401  (jkfac.estimator.MODES)
+from jkfac.forward import forward
 from jkfac.statistics import Statistics
-from jkfac.blocks import dense
 
 Array = jax.Array
-MODES = ("fisher", "empirical", "exact")
 _ids = itertools.count()
 
 
@@ -55,22 +54,8 @@ class Estimator:
                overrides: Optional[dict[str, str]] = None, weight_sharing: str = "expand",
                curvature_fraction: float = 1.0, factor_dtype: Any = None,
                batch_axes: Any = None):
-    if mode not in MODES:
-      raise ValueError(f"mode must be one of {MODES}, got {mode!r}: 'fisher' samples "
-                       "targets from the model (the true Fisher, the default), "
-                       "'empirical' uses the data's targets, 'exact' the expectation.")
-    for name, fraction in (("stats_fraction", stats_fraction),
-                           ("curvature_fraction", curvature_fraction)):
-      if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {fraction}: the fraction of the "
-                         "batch used, e.g. 0.125 for its first eighth, 1 for all of it.")
-    if weight_sharing not in dense.WEIGHT_SHARING:
-      raise ValueError(f"weight_sharing must be one of {dense.WEIGHT_SHARING}, got "
-                       f"{weight_sharing!r}: 'expand' (every row an example, the "
-                       "default) or 'reduce' (rows aggregated per example).")
-    if not hasattr(fisher_samples, "__index__") or fisher_samples < 1:  # an int
-      raise ValueError(f"fisher_samples must be a positive integer (targets sampled per "
-                       f"example), got {fisher_samples!r}; use 1 (the default) or more.")
+    arguments.check_options(mode, stats_fraction, curvature_fraction, weight_sharing,
+                            fisher_samples)
     self.loss_fn = loss_fn
     self.mode = mode
     self.has_aux = has_aux
@@ -88,13 +73,11 @@ class Estimator:
     self._param_shapes = [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves]
     inexact = [d for _, d in self._param_shapes if jnp.issubdtype(d, jnp.inexact)]
     self.factor_dtype = resolve_factor_dtype(factor_dtype, inexact)
-    self._programs: dict[Any, tracing.Program] = {}
+    self._programs = programs.Programs(loss_fn, self.params_tree, has_aux, self.overrides,
+                                       weight_sharing, self.batch_axes)
     self._bound_functions: dict[Any, Callable[..., Any]] = {}
-    program = tracing.trace(loss_fn, params, args, has_aux, overrides=self.overrides,
-                            weight_sharing=weight_sharing)
-    _check_nonempty(program)
     flat_args, args_tree = jax.tree.flatten(tuple(args))
-    self._programs[_signature(leaves, flat_args, args_tree)] = program
+    program = self._programs.get(leaves, flat_args, args_tree)
     self.layers = program.layers
     self.uses = program.uses
     self.losses = program.losses
@@ -143,32 +126,32 @@ class Estimator:
   def _evaluate(self, flat_params: list[Array], *args: Any, rng: Optional[Array] = None):
     """`__call__` after its checks, traceable; the gradient comes back flat."""
     flat_args, args_tree = jax.tree.flatten(tuple(args))
-    program = self._program(flat_params, flat_args, args_tree)
-    (loss, aux), grads, inputs, preds, targets, backward = self._forward(
-        program, flat_params, flat_args, with_grads=True)
-    stats_program, stats_args = program, flat_args
+    program = self._programs.get(flat_params, flat_args, args_tree)
+    whole = forward(program, flat_params, flat_args, self.has_aux, self.factor_dtype, True)
+    stats_pass, stats_program, stats_args = whole, program, flat_args
     if self.stats_fraction < 1.0:
-      stats_args = self._subset(program, flat_args, args_tree, self.stats_fraction,
-                                "stats_fraction")
+      stats_args = self._programs.subset(program, flat_args, args_tree, self.stats_fraction,
+                                         "stats_fraction")
       stats_program = self.sliced_program(flat_params, stats_args, args_tree,
                                           "stats_fraction")
-      _, _, inputs, preds, targets, backward = self._forward(
-          stats_program, flat_params, stats_args, with_grads=False)
-    targets, masks = [t for t, _ in targets], [m for _, m in targets]
+      stats_pass = forward(stats_program, flat_params, stats_args, self.has_aux,
+                           self.factor_dtype, False)
+    targets = [t for t, _ in stats_pass.targets]
+    masks = [m for _, m in stats_pass.targets]
     weights = [term_weights.term_weights(l, m) for l, m in zip(stats_program.losses, masks)]
-    cots = cotangents.cotangents(stats_program, preds, targets, weights, rng, self.mode,
-                                 self.fisher_samples)
-    output_grads = backward(cots)
+    cots = cotangents.cotangents(stats_program, stats_pass.predictions, targets, weights, rng,
+                                 self.mode, self.fisher_samples)
+    output_grads = stats_pass.backward(cots)
     moments = per_example.gradient_moments(self, stats_program, flat_params, stats_args,
                                            args_tree, cots)
-    factors = self._factors(stats_program.uses, inputs, output_grads, moments,
+    factors = self._factors(stats_program.uses, stats_pass.inputs, output_grads, moments,
                             term_weights.row_side_weights(stats_program.losses, weights))
-    value = (loss, aux) if self.has_aux else loss
+    value = (whole.loss, whole.aux) if self.has_aux else whole.loss
     extras = {
-        "loss": jax.lax.stop_gradient(loss),
+        "loss": jax.lax.stop_gradient(whole.loss),
         **self._quadratic_model_extras(program, flat_params, flat_args, args_tree),
     }
-    return value, grads, Statistics(factors, self.id, extras)
+    return value, whole.grads, Statistics(factors, self.id, extras)
 
   def _factors(self, uses: Sequence[tuple[tracing.Use, ...]], inputs: dict[int, Array],
                output_grads: dict[int, Array], moments: dict[str, Array],
@@ -240,39 +223,6 @@ class Estimator:
     self._factor_shapes = None
     return self.chains
 
-  def _forward(self, program: tracing.Program, flat_params: list[Array],
-               flat_args: list[Array], with_grads: bool):
-    """One forward pass; returns its outputs, captures and backward functions."""
-    perturbations = {u.id: jnp.zeros(u.out_shape, self.factor_dtype)
-                     for uses in program.uses for u in uses}
-
-    def forward(p, perts):
-      result = interpret.run(program.plan, list(p) + list(flat_args), perts)
-      out = jax.tree.unflatten(program.out_tree, result.outputs)
-      loss, aux = out if self.has_aux else (out, None)
-      preds = [result.predictions[l.id][0] for l in program.losses]
-      targets = [result.predictions[l.id][1:] for l in program.losses]  # with masks
-      return (loss, preds), (aux, result.inputs, targets)
-
-    if with_grads:
-      (loss, preds), vjp_fn, (aux, inputs, targets) = jax.vjp(
-          forward, flat_params, perturbations, has_aux=True)
-      zero_preds = [jnp.zeros_like(p) for p in preds]
-      grads = vjp_fn((jnp.ones_like(loss), zero_preds))[0]
-      pullback = lambda cots: vjp_fn((jnp.zeros_like(loss), cots))[1]
-    else:
-      (loss, preds), vjp_fn, (aux, inputs, targets) = jax.vjp(
-          lambda perts: forward(flat_params, perts), perturbations, has_aux=True)
-      grads = None
-      pullback = lambda cots: vjp_fn((jnp.zeros_like(loss), cots))[0]
-
-    def backward(cotangents: list[Array]) -> dict[int, Array]:
-      if cotangents[0].shape[0] == 1:
-        return jax.tree.map(lambda g: g[None], pullback([c[0] for c in cotangents]))
-      return jax.vmap(pullback)(cotangents)
-
-    return (loss, aux), grads, inputs, preds, targets, backward
-
   def check_params(self, params: Any, where: str) -> list[Array]:
     """Flattens `params`, checking them against the set-up structure.
 
@@ -307,71 +257,24 @@ class Estimator:
       ValueError: the structure or a leaf's shape differs, or a parameter is
         masked where none may be.
     """
-    tree_view, leaves = trees.view(tree, self.canonical_tree, where)
-    if not partial and not all(tree_view.present):
-      raise ValueError(
-          f"{where}: parameters are masked out (optax.MaskedNode); this needs all of "
-          "them. Call the estimator with the whole model's parameters; only a transform "
-          "(jkfac.kfac, scale_by_kfac) may be given a part of them, by optax's "
-          "multi_transform, partition or masked.")
-    for leaf, (shape, _), layer_path in zip(leaves, self._param_shapes, self._paths()):
-      if leaf is not None and tuple(jnp.shape(leaf)) != shape:
-        raise ValueError(f"{where}: parameter {layer_path!r} has shape "
-                         f"{tuple(jnp.shape(leaf))}, the estimator expects {shape}. Pass "
-                         "arrays shaped as the parameters given to jkfac.estimator, or "
-                         "build a new estimator for the new shapes.")
-    return tree_view, leaves
+    return arguments.align(tree, self.canonical_tree, self._param_shapes, self._paths(),
+                           where, partial)
 
   def _check_call(self, flat_params: list[Array], args: Sequence[Any], rng: Any) -> None:
     """`est(params, *args, rng=key)`: the set-up's dtypes and arguments, a key."""
-    for leaf, (_, dtype), layer_path in zip(flat_params, self._param_shapes, self._paths()):
-      if jnp.result_type(leaf) != dtype:
-        raise ValueError(
-            f"est(params, ...): parameter {layer_path!r} has dtype {jnp.result_type(leaf)}, "
-            f"the estimator was built with {dtype}. Pass parameters of the set-up's dtypes, "
-            "or build a new estimator (and optimizer) with the new ones: the factor dtype "
-            "and the layer table follow the parameters given to jkfac.estimator.")
-    if len(args) != self._num_args:
-      raise ValueError(
-          f"est(params, *args): got {len(args)} argument(s) after params, the estimator "
-          f"was built with {self._num_args}. Pass the arguments given to jkfac.estimator "
-          "(new shapes are fine), or build another estimator for another signature.")
-    if self.mode != "fisher":
-      return
-    if rng is None:
-      raise ValueError("mode='fisher' samples targets from the model: call "
-                       "est(params, *args, rng=key) with a jax.random key.")
-    dtype = getattr(rng, "dtype", None)
-    if dtype is None or not (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-                             or dtype == jnp.uint32):
-      got = repr(rng) if dtype is None else f"an array of dtype {dtype}"
-      raise TypeError(f"rng must be a jax.random key, got {got}. Pass "
-                      "rng=jax.random.key(seed) (or jax.random.PRNGKey(seed)), a new one "
-                      "each step: jax.random.fold_in(key, step).")
+    arguments.check_call(flat_params, args, rng, self._param_shapes, self._paths(),
+                         self._num_args, self.mode)
 
   def _paths(self) -> list[str]:
     paths = {p.index: p.path for layer in self.layers for p in layer.params}
     return [paths.get(i, f"leaf {i}") for i in range(len(self._param_shapes))]
 
-  def _program(self, flat_params: list[Array], flat_args: list[Any],
-               args_tree: Any) -> tracing.Program:
-    """The traced program for these argument shapes (traced on first use)."""
-    key = _signature(flat_params, flat_args, args_tree)
-    if key not in self._programs:
-      params = jax.tree.unflatten(self.params_tree, [_shape(x) for x in flat_params])
-      args = jax.tree.unflatten(args_tree, [_shape(x) for x in flat_args])
-      self._programs[key] = tracing.trace(self.loss_fn, params, args, self.has_aux,
-                                          reference=self.layers, overrides=self.overrides,
-                                          weight_sharing=self.weight_sharing)
-      _check_nonempty(self._programs[key])
-    return self._programs[key]
-
   def _quadratic_model_extras(self, program: tracing.Program, flat_params: list[Array],
                               flat_args: list[Array], args_tree: Any) -> dict[str, Any]:
     """`"curvature"` and `"loss_at"` on the first `curvature_fraction` of the batch."""
     if self.curvature_fraction < 1.0:
-      flat_args = self._subset(program, flat_args, args_tree, self.curvature_fraction,
-                               "curvature_fraction")
+      flat_args = self._programs.subset(program, flat_args, args_tree,
+                                        self.curvature_fraction, "curvature_fraction")
       program = self.sliced_program(flat_params, flat_args, args_tree, "curvature_fraction")
     return {
         "curvature": jax.tree_util.Partial(self._bound(curvature.gram, program),
@@ -392,16 +295,9 @@ class Estimator:
       self._bound_functions[key] = functools.partial(function, self, program)
     return self._bound_functions[key]
 
-  def _subset(self, program: tracing.Program, flat_args: list[Array], args_tree: Any,
-              fraction: float, option: str) -> list[Array]:
-    """The first `fraction` of the batch, sliced along the batch axes."""
-    n = batching.batch_size(program, option)
-    axes = batching.leaf_axes(self.batch_axes, flat_args, args_tree, n)
-    return batching.sliced(flat_args, axes, max(1, int(round(n * fraction))))
-
-  def sliced_program(self, flat_params: list[Array], flat_args: list[Array],
+  def sliced_program(self, flat_params: list[Array], flat_args: list[Any],
                      args_tree: Any, option: str) -> tracing.Program:
-    """The traced program of a slice of the batch.
+    """The traced program of a slice of the batch (`programs.Programs.sliced`).
 
     Args:
       flat_params: the parameters' leaves.
@@ -411,24 +307,8 @@ class Estimator:
 
     Returns:
       The program (traced on first use, then cached by shapes).
-
-    Raises:
-      ValueError: the user's loss function failed on the sliced arguments;
-        the message names `batch_argnums` and `batch_axes`.
     """
-    try:
-      return self._program(flat_params, flat_args, args_tree)
-    except Exception as e:  # an error from inside the user's model, on the sliced arguments
-      if self.batch_axes is not None or _raised_by_jkfac(e):
-        raise
-      raise ValueError(
-          f"{option} evaluates the loss on part of the batch, slicing every argument "
-          "whose leading axis has the batch's size; the loss function failed on "
-          f"the sliced arguments ({type(e).__name__}: {e}). An argument that merely has "
-          "that size (a BatchNorm's batch_stats with as many features as examples, "
-          "say) must not be sliced: say which arguments are batched, "
-          "jkfac.estimator(..., batch_argnums=(1, 2)) (indices into the arguments after "
-          "params) or batch_axes=(None, 0, 0) (vmap-style axes).") from e
+    return self._programs.sliced(flat_params, flat_args, args_tree, option)
 
   def table(self) -> str:
     """The layer table (`jkfac.layer_table.table`).
@@ -444,80 +324,6 @@ class Estimator:
 
   def __repr__(self) -> str:
     return self.table()
-
-
-def _raised_by_jkfac(error: BaseException) -> bool:
-  """Whether `error` was raised by jkfac's own code (its checks name their fix)."""
-  frame = error.__traceback__
-  while frame is not None and frame.tb_next is not None:
-    frame = frame.tb_next
-  return frame is not None and os.path.dirname(frame.tb_frame.f_code.co_filename) in (
-      os.path.dirname(__file__), os.path.dirname(blocks.__file__))
-
-
-def _shape(x: Any) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-
-
-def _signature(flat_params: Sequence[Any], flat_args: Sequence[Any], args_tree: Any) -> Any:
-  """What a traced program depends on: the shapes, dtypes and the mesh in context.
-
-  A model under `jax.set_mesh` may trace differently (FSDP's gathers, a
-  tensor-parallel product's `out_sharding`), so an estimator built outside
-  the mesh traces the loss again inside it.
-  """
-  avals = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x)))
-                for x in list(flat_params) + list(flat_args))
-  return avals, args_tree, sharding.context_mesh()
-
-
-def _check_nonempty(program: tracing.Program) -> None:
-  for loss in program.losses:
-    if loss.num_examples == 0:
-      raise ValueError(f"The {loss.distribution} loss has prediction shape "
-                       f"{loss.prediction_shape}: the batch is empty. Pass at least one "
-                       "example.")
-
-
-def resolve_factor_dtype(factor_dtype: Any, param_dtypes: Sequence[Any]) -> Any:
-  """The factor dtype: the one asked for, checked, or the parameters' default.
-
-  Args:
-    factor_dtype: None, or the dtype asked for (`jnp.float32`, `jnp.float64`).
-    param_dtypes: the dtypes of the inexact parameters.
-
-  Returns:
-    float32 or float64 (None: float32, or the widest parameter dtype if wider).
-
-  Raises:
-    ValueError: a dtype other than float32 or float64, or float64 without
-      `jax_enable_x64`.
-  """
-  if factor_dtype is None:
-    return jnp.result_type(jnp.float32, *param_dtypes)
-  try:
-    dtype = jnp.dtype(factor_dtype)
-  except TypeError as e:
-    raise ValueError(f"factor_dtype must be jnp.float32 or jnp.float64 (or None), got "
-                     f"{factor_dtype!r}.") from e
-  if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    raise ValueError(
-        f"factor_dtype={dtype.name} is not supported: factors and their inverses in half "
-        "precision lose the moving averages' small (1 - decay) increments (8 or 11 "
-        "significant bits), float16 underflows the output derivatives' second moments, "
-        "and a Cholesky factorisation of a damped factor needs more digits than that. "
-        "Keep the parameters in half precision and leave factor_dtype=None (float32): "
-        "the statistics are accumulated in float32 and the updates come back in the "
-        "parameters' dtype.")
-  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
-    raise ValueError(f"factor_dtype must be jnp.float32 or jnp.float64 (or None), got "
-                     f"{dtype.name}.")
-  if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
-    raise ValueError(
-        "factor_dtype=float64 needs 64-bit JAX: call "
-        "jax.config.update('jax_enable_x64', True) at start-up (or set "
-        "JAX_ENABLE_X64=1), or use factor_dtype=jnp.float32.")
-  return dtype
 
 
 def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = "fisher",
@@ -590,13 +396,6 @@ def estimator(loss_fn: Callable[..., Any], params: Any, *args: Any, mode: str = 
     The estimator: call it as `est(params, *args, rng=key)`; `print(est)`
     shows the layer table.
   """
-  if batch_argnums is not None:
-    if batch_axes is not None:
-      raise ValueError("Pass batch_axes or batch_argnums, not both.")
-    numbers = (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
-    if any(not isinstance(i, int) or not 0 <= i < len(args) for i in numbers):
-      raise ValueError(f"batch_argnums must be indices into the {len(args)} argument(s) "
-                       f"after params, got {batch_argnums!r}.")
-    batch_axes = tuple(0 if i in numbers else None for i in range(len(args)))
+  batch_axes = arguments.batch_axes_of(batch_axes, batch_argnums, len(args))
   return Estimator(loss_fn, params, args, mode, has_aux, stats_fraction, fisher_samples,
                    overrides, weight_sharing, curvature_fraction, factor_dtype, batch_axes)

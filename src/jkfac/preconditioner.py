@@ -25,7 +25,7 @@ from jkfac.adaptive import value_at
 from jkfac.damping import Damping
 from jkfac.estimator import Estimator
 from jkfac.options import ScalarOrSchedule
-from jkfac.statistics import Statistics
+from jkfac.statistics import Statistics, check_stats
 
 Array = jax.Array
 STRUCTURES = ("block_diagonal", "block_tridiagonal")
@@ -396,39 +396,3 @@ def kept_shapes(est: Estimator, cross_moments: bool = False
                         **{k: s for k, s in shapes[layer.name].items()
                            if cross_moments and k.endswith("_next")}}
   return kept
-
-
-def check_stats(stats: Any, est: Estimator, factors: dict[str, Any]) -> dict[str, Any]:
-  """Checks the `stats` passed to `update`.
-
-  Args:
-    stats: what was passed as `stats=`.
-    est: the transform's estimator.
-    factors: the state's factors (their layers and structure).
-
-  Returns:
-    The statistics' factors of the layers the state keeps.
-  """
-  if stats is None:
-    raise ValueError(
-        "scale_by_kfac.update needs the curvature statistics of this batch: call "
-        "tx.update(grads, opt_state, params, stats=stats) with the stats returned "
-        "by `loss, grads, stats = est(params, batch, rng=key)`.")
-  if not isinstance(stats, Statistics):
-    raise TypeError(f"stats must be the Statistics returned by the estimator, got "
-                    f"{type(stats).__name__}: pass the third value of `loss, grads, stats = "
-                    "est(params, batch, rng=key)` as tx.update(..., stats=stats).")
-  if stats.estimator_id != est.id:
-    raise ValueError(
-        f"stats come from another estimator (id {stats.estimator_id}) than the one "
-        f"this transform was built with (id {est.id}). Build the optimizer with the "
-        "estimator you call in the training step: jkfac.kfac(est, ...).")
-  batch = {name: stats.factors.get(name) for name in factors}
-  if any(batch[name] is None or not set(factors[name]) <= set(batch[name])
-         for name in factors):
-    raise ValueError(
-        "stats do not have the factors this transform keeps. A transform with "
-        "structure='block_tridiagonal' needs cross moments the estimator computes only "
-        "once such a transform is built: build the optimizer before tracing (jitting) "
-        "the training step, and the optimizer state with tx.init after that.")
-  return batch

@@ -1,5 +1,5 @@
 # Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
-"""`Statistics`: what the estimator returns beside the loss and the gradient."""
+"""`Statistics`: what the estimator returns beside the loss and the gradient, and its checks."""
 
 from __future__ import annotations
 
@@ -58,3 +58,39 @@ class Statistics:
   def __repr__(self) -> str:
     shapes = jax.tree.map(lambda x: tuple(x.shape), self.factors)
     return f"Statistics(estimator={self.estimator_id}, factors={shapes})"
+
+
+def check_stats(stats: Any, est: Any, factors: dict[str, Any]) -> dict[str, Any]:
+  """Checks the `stats` passed to `update`.
+
+  Args:
+    stats: what was passed as `stats=`.
+    est: the transform's estimator (`jkfac.estimator.Estimator`).
+    factors: the state's factors (their layers and structure).
+
+  Returns:
+    The statistics' factors of the layers the state keeps.
+  """
+  if stats is None:
+    raise ValueError(
+        "scale_by_kfac.update needs the curvature statistics of this batch: call "
+        "tx.update(grads, opt_state, params, stats=stats) with the stats returned "
+        "by `loss, grads, stats = est(params, batch, rng=key)`.")
+  if not isinstance(stats, Statistics):
+    raise TypeError(f"stats must be the Statistics returned by the estimator, got "
+                    f"{type(stats).__name__}: pass the third value of `loss, grads, stats = "
+                    "est(params, batch, rng=key)` as tx.update(..., stats=stats).")
+  if stats.estimator_id != est.id:
+    raise ValueError(
+        f"stats come from another estimator (id {stats.estimator_id}) than the one "
+        f"this transform was built with (id {est.id}). Build the optimizer with the "
+        "estimator you call in the training step: jkfac.kfac(est, ...).")
+  batch = {name: stats.factors.get(name) for name in factors}
+  if any(batch[name] is None or not set(factors[name]) <= set(batch[name])
+         for name in factors):
+    raise ValueError(
+        "stats do not have the factors this transform keeps. A transform with "
+        "structure='block_tridiagonal' needs cross moments the estimator computes only "
+        "once such a transform is built: build the optimizer before tracing (jitting) "
+        "the training step, and the optimizer state with tx.init after that.")
+  return batch

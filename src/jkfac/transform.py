@@ -20,9 +20,8 @@ from jkfac import damping as damping_lib
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model, value_at
 from jkfac.estimator import Estimator
 from jkfac.options import ScalarOrSchedule
-from jkfac.preconditioner import (ScaleByKFACState, check_stats, compiled_when_eager,
-                                  scale_by_kfac)
-from jkfac.statistics import Statistics
+from jkfac.preconditioner import ScaleByKFACState, compiled_when_eager, scale_by_kfac
+from jkfac.statistics import Statistics, check_stats
 
 Array = jax.Array
 

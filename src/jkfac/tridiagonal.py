@@ -32,7 +32,8 @@ import jax.numpy as jnp
 
 from jkfac import linalg
 from jkfac.blocks import dense
-from jkfac.blocks.base import GroupBlock, row_weights
+from jkfac.blocks.base import row_weights
+from jkfac.blocks.group import GroupBlock
 from jkfac.damping import Damping
 from jkfac.sharding import row_products
 

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from jkfac.blocks import (conv, dense, diagonal, ekfac, embedding, full, none, scale_and_shift,
                           singd, stacked)
-from jkfac.blocks.base import Block, Captures, GroupBlock, OneLayer
+from jkfac.blocks.base import Block, Captures
+from jkfac.blocks.group import GroupBlock, OneLayer
 
 if TYPE_CHECKING:  # jkfac.layers imports the blocks, through losses and tags
   from jkfac.layers import Layer
