@@ -18,16 +18,19 @@ N = 12
 DAMPING = 0.1
 
 
-def _two_updates(est, params, args, damping=DAMPING):
+def _two_updates(est, params, args, damping=DAMPING, decay=0.0):
   """A refresh (the eigenbases of this batch's factors), then an update that measures `S`.
 
-  Returns the state after both and the second update's preconditioned gradient.
+  With `decay` 0, `S` is then the batch's alone. Returns the state after both
+  and the second update's preconditioned gradient.
   """
-  tx = jkfac.scale_by_kfac(est, damping=damping, inverse_every=100, inverse_warmup=0)
+  tx = jkfac.scale_by_kfac(est, damping=damping, decay=decay, inverse_every=100,
+                           inverse_warmup=0)
   _, grads, stats = est(params, *args)
   state = tx.init(params)
   _, state = tx.update(grads, state, params, stats=stats)
-  assert int(state.inverses[est.layers[0].name]["count"].max()) == 0  # S restarted
+  ekfac = [l.name for l in est.layers if l.block == "ekfac"]
+  assert all(int(state.inverses[name]["count"].max()) == 0 for name in ekfac)  # S restarted
   updates, state = tx.update(grads, state, params, stats=stats)
   return state, updates, grads, stats
 
@@ -89,6 +92,33 @@ def test_dense_corrected_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronec
     np.testing.assert_allclose(updates[name]["b"], u.reshape(-1, SIZES[int(name[1]) + 1])[-1],
                                rtol=1e-9, atol=1e-13)
     assert not np.allclose(s, np.outer(np.maximum(lam_a, 0), np.maximum(lam_g, 0)), rtol=1e-3)
+
+
+def test_s_starts_at_kfacs_eigenvalues_decays_towards_the_measured_and_restarts():
+  params = bf.mlp_params(KEY, SIZES)
+  x, y = bf.classification_data(N, SIZES[0], SIZES[-1])
+  est = jkfac.estimator(bf.ce_loss, params, x, y, mode="exact", overrides={"l1": "ekfac"})
+  measured = np.asarray(_two_updates(est, params, (x, y))[0].inverses["l1"]["S"])
+  decay = 0.7
+  tx = jkfac.scale_by_kfac(est, damping=DAMPING, decay=decay, inverse_every=3,
+                           inverse_warmup=0)
+  _, grads, stats = est(params, x, y)
+  state = tx.init(params)
+  kfac = None
+  for step in range(4):  # a refresh at updates 0 and 3, S measured at 1 and 2
+    _, state = tx.update(grads, state, params, stats=stats)
+    s, count = np.asarray(state.inverses["l1"]["S"]), int(state.inverses["l1"]["count"])
+    if step % 3 == 0:
+      kfac = kfac if kfac is not None else s
+      lam_a = np.linalg.eigvalsh(np.asarray(stats.factors["l1"]["A"]))
+      lam_g = np.linalg.eigvalsh(np.asarray(stats.factors["l1"]["G"]))
+      np.testing.assert_allclose(np.sort(s.reshape(-1)), np.sort(np.outer(
+          np.maximum(lam_a, 0), np.maximum(lam_g, 0)).reshape(-1)), rtol=1e-8, atol=1e-15)
+      assert count == 0
+    else:
+      np.testing.assert_allclose(s, decay**step * kfac + (1 - decay**step) * measured,
+                                 rtol=1e-9, atol=1e-15)
+      assert count == step
 
 
 def test_expand_measures_every_token_as_a_row():

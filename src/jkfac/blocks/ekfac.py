@@ -24,8 +24,12 @@ Over training:
 - every refresh: the eigendecompositions of the averaged `A` and `G`; `S`
   restarts at `λ_A λ_G^T` (K-FAC's eigenvalues, the best guess before a batch
   is measured in the new basis);
-- every update after it (`accumulate`): this batch's `S`, averaged with
-  `ε = min(1 - 1/k, decay)`, k counting the updates since the refresh;
+- every update after it (`accumulate`): this batch's `S` averaged in,
+  `S ← ε S + (1 - ε) S_batch` with `ε = decay`: K-FAC's eigenvalues are the
+  average's start, whose weight decays as batches are measured (a batch's
+  `S` has an entry per weight, from a few hundred rows: replacing the start
+  by the first batch alone made steps along badly measured directions far
+  too long);
 - `precondition`: `U_A [(U_A^T V U_G) / (S + λ)] U_G^T`, λ the damping of the
   last refresh added to the corrected eigenvalues.
 
@@ -147,10 +151,8 @@ class EKFACBlock(Block):
                  ) -> dict[str, Array]:
     moment = (_dense_moment(inverses, batch) if layer.kind == "dense"
               else _conv_moment(layer, inverses, batch))
-    count = inverses["count"] + 1.0
-    epsilon = jnp.minimum(1.0 - 1.0 / count, decay)
-    s = epsilon * inverses["S"] + (1.0 - epsilon) * device_mean(moment)
-    return {**inverses, "S": s, "count": count}
+    s = decay * inverses["S"] + (1.0 - decay) * device_mean(moment)
+    return {**inverses, "S": s, "count": inverses["count"] + 1.0}
 
   def precondition(self, layer: Layer, inverse: dict[str, Array],
                    grads: Sequence[Array]) -> tuple[Array, ...]:
