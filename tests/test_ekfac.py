@@ -84,14 +84,35 @@ def test_dense_corrected_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronec
     ekfac = basis @ np.diag(s.reshape(-1)) @ basis.T
     kfac = np.kron(a, g)
     assert np.linalg.norm(ekfac - fisher) <= np.linalg.norm(kfac - fisher) * (1 - 1e-3)
-    # The update is the dense formula: (basis diag(S + λ) basis^T)^{-1} vec([∇w; ∇b]).
+    # The update is the dense formula: (basis diag(S + D) basis^T)^{-1} vec([∇w; ∇b]),
+    # D the damping K-FAC's factored Tikhonov adds to its eigenvalue products.
+    pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+    lam_a, lam_g = np.maximum(lam_a, 0), np.maximum(lam_g, 0)
+    shift = (pi * np.sqrt(DAMPING) * lam_g[None, :] + lam_a[:, None] * np.sqrt(DAMPING) / pi
+             + DAMPING)
     v = np.concatenate([grads[name]["w"], grads[name]["b"][None]], axis=0).reshape(-1)
-    u = basis @ ((basis.T @ v) / (s.reshape(-1) + DAMPING))
+    u = basis @ ((basis.T @ v) / (s + shift).reshape(-1))
     np.testing.assert_allclose(updates[name]["w"], u.reshape(-1, SIZES[int(name[1]) + 1])[:-1],
                                rtol=1e-9, atol=1e-13)
     np.testing.assert_allclose(updates[name]["b"], u.reshape(-1, SIZES[int(name[1]) + 1])[-1],
                                rtol=1e-9, atol=1e-13)
-    assert not np.allclose(s, np.outer(np.maximum(lam_a, 0), np.maximum(lam_g, 0)), rtol=1e-3)
+    assert not np.allclose(s, np.outer(lam_a, lam_g), rtol=1e-3)
+
+
+def test_at_a_refresh_the_update_is_kfacs():
+  """S restarts at K-FAC's eigenvalues and is damped as K-FAC's are: the same update."""
+  params = bf.mlp_params(KEY, SIZES)
+  x, y = bf.classification_data(N, SIZES[0], SIZES[-1])
+  est = jkfac.estimator(bf.ce_loss, params, x, y, mode="exact", overrides={"*": "ekfac"})
+  tx = jkfac.scale_by_kfac(est, damping=DAMPING)
+  _, grads, stats = est(params, x, y)
+  updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+  for name in ("l0", "l1"):
+    a, g = np.asarray(stats.factors[name]["A"]), np.asarray(stats.factors[name]["G"])
+    w, b = bf.kfac_dense_update(a, g, np.asarray(grads[name]["w"]),
+                                np.asarray(grads[name]["b"]), DAMPING)
+    np.testing.assert_allclose(updates[name]["w"], w, rtol=1e-8, atol=1e-13)
+    np.testing.assert_allclose(updates[name]["b"], b, rtol=1e-8, atol=1e-13)
 
 
 def test_s_starts_at_kfacs_eigenvalues_decays_towards_the_measured_and_restarts():
@@ -158,6 +179,38 @@ def test_convolution_measures_every_location_as_a_row(name):
     expected = _projected_rows(np.asarray(inverse["U_A"][j]), np.asarray(inverse["U_G"][j]),
                                p, g_rows[:, j * per_out:(j + 1) * per_out], 1.0 / CONV_N)
     np.testing.assert_allclose(inverse["S"][j], expected, rtol=1e-9, atol=1e-14)
+
+
+def test_a_scanned_stack_equals_its_unrolled_layers():
+  depth, width = 3, 4
+  ks = jax.random.split(KEY, 3)
+  stack = {"w": jax.random.normal(ks[0], (depth, width, width), jnp.float64) / 2,
+           "b": 0.1 * jax.random.normal(ks[1], (depth, width), jnp.float64)}
+  x = jax.random.normal(ks[2], (N, width), jnp.float64)
+  y = jnp.argmax(x[:, :3], axis=1)
+  head = lambda h: h[:, :3]
+
+  def scanned(p, x, y):
+    h, _ = jax.lax.scan(lambda h, l: (jnp.tanh(h @ l["w"] + l["b"]), None), x, p)
+    return jkfac.softmax_cross_entropy(head(h), y)
+
+  def unrolled(p, x, y):
+    for l in range(depth):
+      x = jnp.tanh(x @ p[f"l{l}"]["w"] + p[f"l{l}"]["b"])
+    return jkfac.softmax_cross_entropy(head(x), y)
+
+  layers = {f"l{l}": jax.tree.map(lambda a: a[l], stack) for l in range(depth)}
+  est_s = jkfac.estimator(scanned, stack, x, y, mode="exact", overrides={"*": "ekfac"})
+  est_u = jkfac.estimator(unrolled, layers, x, y, mode="exact", overrides={"*": "ekfac"})
+  assert [l.stack for l in est_s.layers] == [(depth,)]
+  state_s, updates_s, *_ = _two_updates(est_s, stack, (x, y))
+  state_u, updates_u, *_ = _two_updates(est_u, layers, (x, y))
+  (name,) = state_s.inverses
+  for l in range(depth):
+    np.testing.assert_allclose(state_s.inverses[name]["S"][l], state_u.inverses[f"l{l}"]["S"],
+                               rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(updates_s["w"][l], updates_u[f"l{l}"]["w"], rtol=1e-8,
+                               atol=1e-13)
 
 
 @_ONCE
