@@ -16,14 +16,19 @@ SIZES = (3, 5, 4)
 N = 16
 
 
+def _damped(a, g, lam):
+  """Factored Tikhonov: `A + π√λ I`, `G + √λ/π I`."""
+  pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+  return a + pi * np.sqrt(lam) * np.eye(len(a)), g + np.sqrt(lam) / pi * np.eye(len(g))
+
+
 def _numpy_step(k, c, m_k, m_c, a, g, lam, rate, alpha=singd.MOMENTUM):
-  """The IKFAC/SINGD update written out in numpy."""
+  """The IKFAC/SINGD update written out in numpy, on the damped factors."""
   d_k, d_c = len(k), len(c)
+  a, g = _damped(a, g, lam)
   h_k, h_c = k.T @ a @ k, c.T @ g @ c
-  m_k = alpha * m_k + (1 - alpha) / 2 * (np.trace(h_c) / d_c * h_k
-                                         + lam * np.trace(c.T @ c) / d_c * k.T @ k - np.eye(d_k))
-  m_c = alpha * m_c + (1 - alpha) / 2 * (np.trace(h_k) / d_k * h_c
-                                         + lam * np.trace(k.T @ k) / d_k * c.T @ c - np.eye(d_c))
+  m_k = alpha * m_k + (1 - alpha) / 2 * (np.trace(h_c) / d_c * h_k - np.eye(d_k))
+  m_c = alpha * m_c + (1 - alpha) / 2 * (np.trace(h_k) / d_k * h_c - np.eye(d_c))
   k = k @ (np.eye(d_k) - rate / max(1.0, np.abs(m_k).max()) * m_k)
   c = c @ (np.eye(d_c) - rate / max(1.0, np.abs(m_c).max()) * m_c)
   return k, c, m_k, m_c
@@ -60,15 +65,17 @@ def test_updates_equal_the_dense_formulas():
   assert state.factors == {"l0": {}, "l1": {}}  # nothing averaged, nothing inverted
 
 
-def test_the_fixed_point_is_kfac_without_an_inverse():
-  """With constant factors and λ → 0, K K^T ⊗ C C^T converges to A^{-1} ⊗ G^{-1}."""
+@pytest.mark.parametrize("lam", [0.0, 1e-3])
+def test_the_fixed_point_is_kfacs_damped_inverse_without_an_inverse(lam):
+  """With constant factors, K K^T ⊗ C C^T converges to (A + π√λ I)^{-1} ⊗ (G + √λ/π I)^{-1},
+  also for a singular A (an input that is always 0), once damped."""
   ka, kg = jax.random.split(KEY)
-  a = jax.random.normal(ka, (4, 12), jnp.float64)
+  a = jax.random.normal(ka, (4, 12), jnp.float64).at[0].set(0.0 if lam else 1.0)
   g = jax.random.normal(kg, (3, 9), jnp.float64)
-  a, g = a @ a.T / 12, 1e-3 * g @ g.T / 9  # G far smaller than A, as in training
+  a, g = _damped(np.asarray(a @ a.T / 12), 1e-3 * np.asarray(g @ g.T / 9), lam)  # G ≪ A
 
   def body(_, state):
-    return singd.factor_step(*state, a, g, 1e-12, 0.5)
+    return singd.factor_step(*state, jnp.asarray(a), jnp.asarray(g), 0.5)
 
   start = (jnp.eye(4), jnp.eye(3), jnp.zeros((4, 4)), jnp.zeros((3, 3)))
   k, c, m_k, m_c = jax.lax.fori_loop(0, 3000, body, start)

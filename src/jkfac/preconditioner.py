@@ -251,7 +251,10 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     layer_of = {layer.name: layer for layer in layers}
     new = {name: block_of[name].accumulate(layer_of[name], whole[name], batch[name], decay,
                                            Damping(lam), device_mean) for name in names}
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, whole)
+    # A block's state moves only on finite statistics, and only to finite values.
+    new = {name: jax.tree.map(
+        lambda n, o, ok=finite & linalg.all_finite(new[name]): jnp.where(ok, n, o),
+        new[name], whole[name]) for name in names}
     return {**stored, **state_layout.store(new, stored_on)}
 
   def update_fn(updates: Any, state: ScaleByKFACState, params: Any = None, *,

@@ -10,17 +10,22 @@ only step on the positive-definite manifold (the IKFAC update of Lin et al.,
 "Can we remove the square-root in adaptive gradient methods?", 2024; SINGD,
 Lin et al., ICML 2024, with dense factors):
 
-    H_K = K^T A K,  H_C = C^T G C                  (A, G: this batch's factors)
-    m_K ← α m_K + (1 - α)/2 (tr(H_C)/d_C H_K + λ tr(C^T C)/d_C K^T K - I)
-    m_C ← α m_C + (1 - α)/2 (tr(H_K)/d_K H_C + λ tr(K^T K)/d_K C^T C - I)
+    H_K = K^T Ã K,  H_C = C^T G̃ C
+    m_K ← α m_K + (1 - α)/2 (tr(H_C)/d_C H_K - I)
+    m_C ← α m_C + (1 - α)/2 (tr(H_K)/d_K H_C - I)
     K ← K (I - β_K m_K),  C ← C (I - β_C m_C),  β_X = β / max(1, max |m_X|)
 
-with `β = 1 - decay` (the transform's moving-average decay sets how fast
-the curvature estimate follows the batches, as for K-FAC's averages),
-`α = 0.5`, and λ the damping of the update. The preconditioned gradient is
-`K K^T [∇W; ∇b] C C^T`. At a fixed point (`m = 0`) with λ = 0,
-`K K^T ⊗ C C^T = A^{-1} ⊗ G^{-1}`: K-FAC's block, reached without an
-inverse. The state starts at `K = C = I` (the plain gradient) and is stored
+with `Ã = A + π√λ I` and `G̃ = G + √λ/π I` this batch's factors damped by
+factored Tikhonov (λ the damping of the update), `β = 1 - decay` (the
+transform's moving-average decay sets how fast the curvature estimate
+follows the batches, as for K-FAC's averages) and `α = 0.5`. The
+preconditioned gradient is `K K^T [∇W; ∇b] C C^T`. At a fixed point
+(`m = 0`), `K K^T ⊗ C C^T = Ã^{-1} ⊗ G̃^{-1}`: K-FAC's damped block, reached
+without an inverse. (The paper damps with `λ tr(C^T C)/d_C K^T K` inside
+`m_K`, whose fixed point is `A + λ'`-damped with a λ' far smaller than
+K-FAC's `π√λ` for the same λ: with jkfac's adaptive λ and an input factor
+as singular as MNIST's, whose border pixels are always 0, `K` grew without
+bound and overflowed.) The state starts at `K = C = I` (the plain gradient) and is stored
 as `K - I` and `C - I`, so that an all-zero state is that start. For dense
 layers and convolutions (per group); no refresh (`inverse_every` does not
 apply to it).
@@ -52,7 +57,7 @@ def _kind(layer: Layer) -> Any:
 
 
 def factor_step(k: Array, c: Array, m_k: Array, m_c: Array, a: Array, g: Array,
-                damping: Array, rate: float) -> tuple[Array, Array, Array, Array]:
+                rate: float) -> tuple[Array, Array, Array, Array]:
   """One SINGD step of the factors `K`, `C` and their momenta (one group).
 
   Args:
@@ -60,9 +65,8 @@ def factor_step(k: Array, c: Array, m_k: Array, m_c: Array, a: Array, g: Array,
     c: `C`, `(d_C, d_C)`.
     m_k: `K`'s momentum.
     m_c: `C`'s momentum.
-    a: this batch's input-side factor `A`.
-    g: this batch's output-side factor `G`.
-    damping: λ.
+    a: this batch's damped input-side factor `Ã`.
+    g: this batch's damped output-side factor `G̃`.
     rate: β, the factors' step size.
 
   Returns:
@@ -70,12 +74,9 @@ def factor_step(k: Array, c: Array, m_k: Array, m_c: Array, a: Array, g: Array,
   """
   d_k, d_c = k.shape[0], c.shape[0]
   h_k, h_c = k.T @ a @ k, c.T @ g @ c
-  ktk, ctc = k.T @ k, c.T @ c
   half = 0.5 * (1.0 - MOMENTUM)
-  m_k = MOMENTUM * m_k + half * (jnp.trace(h_c) / d_c * h_k + damping * jnp.trace(ctc) / d_c * ktk
-                                 - jnp.eye(d_k, dtype=k.dtype))
-  m_c = MOMENTUM * m_c + half * (jnp.trace(h_k) / d_k * h_c + damping * jnp.trace(ktk) / d_k * ctc
-                                 - jnp.eye(d_c, dtype=c.dtype))
+  m_k = MOMENTUM * m_k + half * (jnp.trace(h_c) / d_c * h_k - jnp.eye(d_k, dtype=k.dtype))
+  m_c = MOMENTUM * m_c + half * (jnp.trace(h_k) / d_k * h_c - jnp.eye(d_c, dtype=c.dtype))
   k = k - rate / jnp.maximum(1.0, jnp.max(jnp.abs(m_k))) * (k @ m_k)
   c = c - rate / jnp.maximum(1.0, jnp.max(jnp.abs(m_c))) * (c @ m_c)
   return k, c, m_k, m_c
@@ -136,7 +137,12 @@ class SINGDBlock(Block):
                  decay: float, damping: Damping, device_mean: Callable[[Array], Array]
                  ) -> dict[str, Array]:
     k, c = inverses["K"], inverses["C"]
-    step = lambda *args: factor_step(*args, damping.value.astype(k.dtype), 1.0 - decay)
+
+    def step(k, c, m_k, m_c, a, g):
+      shift_a, shift_g, _ = damping.kronecker(a, g)  # factored Tikhonov
+      return factor_step(k, c, m_k, m_c, a + shift_a * jnp.eye(a.shape[0], dtype=a.dtype),
+                         g + shift_g * jnp.eye(g.shape[0], dtype=g.dtype), 1.0 - decay)
+
     if layer.kind == "conv":
       step = jax.vmap(step)
     k, c, m_k, m_c = step(k + _identity_like(k), c + _identity_like(c), inverses["m_K"],
