@@ -29,8 +29,8 @@ def _numpy_step(k, c, m_k, m_c, a, g, lam, rate, alpha=singd.MOMENTUM):
   h_k, h_c = k.T @ a @ k, c.T @ g @ c
   m_k = alpha * m_k + (1 - alpha) / 2 * (np.trace(h_c) / d_c * h_k - np.eye(d_k))
   m_c = alpha * m_c + (1 - alpha) / 2 * (np.trace(h_k) / d_k * h_c - np.eye(d_c))
-  k = k @ (np.eye(d_k) - rate / max(1.0, np.abs(m_k).max()) * m_k)
-  c = c @ (np.eye(d_c) - rate / max(1.0, np.abs(m_c).max()) * m_c)
+  k = k @ (np.eye(d_k) - rate / max(1.0, np.linalg.norm(m_k)) * m_k)
+  c = c @ (np.eye(d_c) - rate / max(1.0, np.linalg.norm(m_c)) * m_c)
   return k, c, m_k, m_c
 
 

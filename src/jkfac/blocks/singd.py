@@ -13,7 +13,7 @@ Lin et al., ICML 2024, with dense factors):
     H_K = K^T Ã K,  H_C = C^T G̃ C
     m_K ← α m_K + (1 - α)/2 (tr(H_C)/d_C H_K - I)
     m_C ← α m_C + (1 - α)/2 (tr(H_K)/d_K H_C - I)
-    K ← K (I - β_K m_K),  C ← C (I - β_C m_C),  β_X = β / max(1, max |m_X|)
+    K ← K (I - β_K m_K),  C ← C (I - β_C m_C),  β_X = β / max(1, ‖m_X‖_F)
 
 with `Ã = A + π√λ I` and `G̃ = G + √λ/π I` this batch's factors damped by
 factored Tikhonov (λ the damping of the update), `β = 1 - decay` (the
@@ -77,8 +77,11 @@ def factor_step(k: Array, c: Array, m_k: Array, m_c: Array, a: Array, g: Array,
   half = 0.5 * (1.0 - MOMENTUM)
   m_k = MOMENTUM * m_k + half * (jnp.trace(h_c) / d_c * h_k - jnp.eye(d_k, dtype=k.dtype))
   m_c = MOMENTUM * m_c + half * (jnp.trace(h_k) / d_k * h_c - jnp.eye(d_c, dtype=c.dtype))
-  k = k - rate / jnp.maximum(1.0, jnp.max(jnp.abs(m_k))) * (k @ m_k)
-  c = c - rate / jnp.maximum(1.0, jnp.max(jnp.abs(m_c))) * (c @ m_c)
+  # Normalised by the Frobenius norm, a bound on the spectral norm: K changes by
+  # at most a factor 1 ± β per step (the largest entry, the paper's, lets a wide
+  # layer's K grow by β·d per step and overflow).
+  k = k - rate / jnp.maximum(1.0, jnp.linalg.norm(m_k)) * (k @ m_k)
+  c = c - rate / jnp.maximum(1.0, jnp.linalg.norm(m_c)) * (c @ m_c)
   return k, c, m_k, m_c
 
 
