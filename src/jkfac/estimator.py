@@ -44,7 +44,9 @@ class Estimator:
 
   Made by `jkfac.estimator`; see there. Attributes: `layers` (the layer table,
   graph order, fallbacks last), `losses`, `mode`, `id`, `chains` (the layer
-  indices of the block-tridiagonal chains, once requested), `factor_dtype`
+  indices of the block-tridiagonal chains, once requested), `programs` (the
+  traced programs per signature and of slices of the batch,
+  `jkfac.programs.Programs`), `factor_dtype`
   (the dtype of the statistics and of everything the transforms derive from
   them).
   """
@@ -73,11 +75,11 @@ class Estimator:
     self._param_shapes = [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves]
     inexact = [d for _, d in self._param_shapes if jnp.issubdtype(d, jnp.inexact)]
     self.factor_dtype = resolve_factor_dtype(factor_dtype, inexact)
-    self._programs = programs.Programs(loss_fn, self.params_tree, has_aux, self.overrides,
+    self.programs = programs.Programs(loss_fn, self.params_tree, has_aux, self.overrides,
                                        weight_sharing, self.batch_axes)
     self._bound_functions: dict[Any, Callable[..., Any]] = {}
     flat_args, args_tree = jax.tree.flatten(tuple(args))
-    program = self._programs.get(leaves, flat_args, args_tree)
+    program = self.programs.get(leaves, flat_args, args_tree)
     self.layers = program.layers
     self.uses = program.uses
     self.losses = program.losses
@@ -126,13 +128,13 @@ class Estimator:
   def _evaluate(self, flat_params: list[Array], *args: Any, rng: Optional[Array] = None):
     """`__call__` after its checks, traceable; the gradient comes back flat."""
     flat_args, args_tree = jax.tree.flatten(tuple(args))
-    program = self._programs.get(flat_params, flat_args, args_tree)
+    program = self.programs.get(flat_params, flat_args, args_tree)
     whole = forward(program, flat_params, flat_args, self.has_aux, self.factor_dtype, True)
     stats_pass, stats_program, stats_args = whole, program, flat_args
     if self.stats_fraction < 1.0:
-      stats_args = self._programs.subset(program, flat_args, args_tree, self.stats_fraction,
+      stats_args = self.programs.subset(program, flat_args, args_tree, self.stats_fraction,
                                          "stats_fraction")
-      stats_program = self.sliced_program(flat_params, stats_args, args_tree,
+      stats_program = self.programs.sliced(flat_params, stats_args, args_tree,
                                           "stats_fraction")
       stats_pass = forward(stats_program, flat_params, stats_args, self.has_aux,
                            self.factor_dtype, False)
@@ -273,9 +275,9 @@ class Estimator:
                               flat_args: list[Array], args_tree: Any) -> dict[str, Any]:
     """`"curvature"` and `"loss_at"` on the first `curvature_fraction` of the batch."""
     if self.curvature_fraction < 1.0:
-      flat_args = self._programs.subset(program, flat_args, args_tree,
+      flat_args = self.programs.subset(program, flat_args, args_tree,
                                         self.curvature_fraction, "curvature_fraction")
-      program = self.sliced_program(flat_params, flat_args, args_tree, "curvature_fraction")
+      program = self.programs.sliced(flat_params, flat_args, args_tree, "curvature_fraction")
     return {
         "curvature": jax.tree_util.Partial(self._bound(curvature.gram, program),
                                            flat_params, flat_args),
@@ -294,21 +296,6 @@ class Estimator:
     if key not in self._bound_functions:
       self._bound_functions[key] = functools.partial(function, self, program)
     return self._bound_functions[key]
-
-  def sliced_program(self, flat_params: list[Array], flat_args: list[Any],
-                     args_tree: Any, option: str) -> tracing.Program:
-    """The traced program of a slice of the batch (`programs.Programs.sliced`).
-
-    Args:
-      flat_params: the parameters' leaves.
-      flat_args: the sliced batch's leaves (arrays or shapes).
-      args_tree: their structure.
-      option: what slices the batch, for the error message.
-
-    Returns:
-      The program (traced on first use, then cached by shapes).
-    """
-    return self._programs.sliced(flat_params, flat_args, args_tree, option)
 
   def table(self) -> str:
     """The layer table (`jkfac.layer_table.table`).

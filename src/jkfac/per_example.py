@@ -58,8 +58,8 @@ def gradient_moments(est: Estimator, program: tracing.Program, flat_params: list
                jax.ShapeDtypeStruct(jnp.shape(a)[:axis] + (1,) + jnp.shape(a)[axis + 1:],
                                     jnp.result_type(a))
                for a, axis in zip(flat_args, axes)]
-  unit = est.sliced_program(flat_params, unit_args, args_tree,
-                              f"The {layers[0].kind} block of {layers[0].name!r}")
+  unit = est.programs.sliced(flat_params, unit_args, args_tree,
+                             f"The {layers[0].kind} block of {layers[0].name!r}")
 
   def one_example(example_args, example_cots):
     def predictions(chosen):
