@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -145,7 +146,13 @@ def run_all(script: str, runs: list[dict[str, Any]], argv: list[str]) -> list[di
 def worker(spec_json: str, train: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
   """The `--worker` side of `run_in_subprocess`."""
   spec = json.loads(spec_json)
-  pathlib.Path(spec["out"]).write_text(json.dumps(train(spec["run"])))
+  try:
+    record = train(spec["run"])
+  except Exception as e:  # pylint: disable=broad-except
+    # The reason goes into the results (kfac-jax failing on a model, say), the traceback to stderr.
+    traceback.print_exc()
+    record = dict(spec["run"], error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+  pathlib.Path(spec["out"]).write_text(json.dumps(record))
 
 
 def machine(extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:

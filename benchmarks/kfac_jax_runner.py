@@ -179,9 +179,10 @@ class Runner:
     if adaptive:
       self._hyper: dict[str, Any] = {}
     else:
-      self._hyper = dict(learning_rate=jnp.asarray(learning_rate, jnp.float32),
-                         momentum=jnp.asarray(momentum, jnp.float32),
-                         damping=jnp.asarray(damping, jnp.float32))
+      # A value left None is the optimizer's own (a `learning_rate_schedule`, say).
+      fixed = dict(learning_rate=learning_rate, momentum=momentum, damping=damping)
+      self._hyper = {name: jnp.asarray(value, jnp.float32) for name, value in fixed.items()
+                     if value is not None}
     self._burnin = int(settings.get("num_burnin_steps", 0))
 
   def init(self, params, images) -> KfacJaxState:

@@ -13,7 +13,16 @@ For each model and batch size, every part is compiled on its own and timed
 The floor of each part is its floating-point operation count (`flops.py`)
 divided by this machine's measured float32 matrix-multiply throughput.
 
+`--transformer` times the language model of `lm_pydocs.py` instead (its
+sizes from the same options: `--width`, `--depth`, ...; blocks stacked by
+`nn.scan`), part by part against AdamW's step: the forward and backward
+passes, the estimator with statistics on the whole batch and on a quarter
+(K-FAC-expand and -reduce), the preconditioner's update without and with an
+inverse refresh, the quadratic model's curvature products, and the whole
+steps, fixed and adaptive.
+
     python benchmarks/step_cost.py [--quick]
+    python benchmarks/step_cost.py --transformer [--width 256 ...]
 
 Results: `benchmarks/results/local/step_cost.json` and `.png` (git-ignored),
 or `--out PATH_STEM`; the committed results were written with
@@ -135,6 +144,13 @@ def measure(sizes: tuple[int, ...], batch: int, repeats: int, stats_fraction: fl
                                                    images, key),
       "adam_step": functools.partial(adam, params, adam_state, images),
   }
+  median = _median_times(parts, repeats)
+  median["estimator_extra"] = median["estimator"] - median["forward_backward"]
+  return dict(median_s=median, first_step_s=first)
+
+
+def _median_times(parts: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+  """Each part's median time: compiled and run once first, then timed interleaved."""
   times: dict[str, list[float]] = {name: [] for name in parts}
   for fn in parts.values():
     jax.block_until_ready(fn())  # compile and warm up
@@ -143,9 +159,82 @@ def measure(sizes: tuple[int, ...], batch: int, repeats: int, stats_fraction: fl
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
-  median = {name: float(np.median(t)) for name, t in times.items()}
-  median["estimator_extra"] = median["estimator"] - median["forward_backward"]
-  return dict(median_s=median, first_step_s=first)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+#: The transformer's settings timed: jkfac's fixed and adaptive runs of `transformer.py`.
+TRANSFORMER_SETTINGS = {"fixed": dict(learning_rate=0.1, momentum=0.9, damping=0.1),
+                        "adaptive": {}}
+
+
+def measure_transformer(lm_argv: list[str], repeats: int) -> dict[str, Any]:
+  """Times the parts of a step of `lm_pydocs.py`'s model (see the module's docstring)."""
+  import datasets
+  import lm_pydocs
+  import transformer
+
+  args = lm_pydocs.parse_args(lm_argv)
+  model = lm_pydocs.make_model(args)
+  batch = tuple(jnp.asarray(a) for a in lm_pydocs.batches(
+      args, datasets.load_pydocs("valid", data_dir=args.data_dir))(0))
+  params = model.init(jax.random.PRNGKey(0), batch[0][:2])["params"]
+  key = jax.random.PRNGKey(1)
+  apply = lambda p, x: model.apply({"params": p}, x)
+  loss_fn = lambda p, t, y: jkfac.softmax_cross_entropy(apply(p, t), y)
+  objective = lambda p, t, y: transformer.cross_entropy(apply(p, t), y)
+  run_est = lambda est: jax.jit(lambda p, t, y, k: est(p, t, y, rng=k))
+  parts: dict[str, Callable[[], Any]] = {
+      "forward_backward": functools.partial(jax.jit(jax.value_and_grad(objective)), params,
+                                            *batch)}
+  for sharing in ("expand", "reduce"):
+    for fraction in (1.0, 0.25):
+      est = jkfac.estimator(loss_fn, params, *batch, stats_fraction=fraction,
+                            weight_sharing=sharing)
+      parts[f"estimator_{sharing}_stats_{fraction:g}"] = functools.partial(
+          run_est(est), params, *batch, key)
+  fractions = {k: transformer.JKFAC[k] for k in ("stats_fraction", "curvature_fraction")}
+  est = jkfac.estimator(loss_fn, params, *batch, **fractions)
+  _, grads, stats = run_est(est)(params, *batch, key)
+  parts["curvature_products"] = functools.partial(
+      jax.jit(lambda s, v: s.extras["curvature"](v)), stats, [grads, grads])
+  first = {}
+  for label, settings in TRANSFORMER_SETTINGS.items():
+    for every, suffix in ((10 ** 9, ""), (1, "_with_refresh")):
+      tx = jkfac.kfac(est, inverse_every=every, inverse_warmup=0, **settings)
+
+      def step(p, state, b, k, tx=tx):
+        loss, g, s = est(p, *b, rng=k)
+        updates, state = tx.update(g, state, p, stats=s)
+        return optax.apply_updates(p, updates), state, loss
+
+      update = jax.jit(lambda g, state, p, s, tx=tx: tx.update(g, state, p, stats=s))
+      state = update(grads, tx.init(params), params, stats)[1]
+      step = jax.jit(step)
+      if not suffix:
+        first[f"jkfac_{label}"] = _first_call(lambda: step(params, tx.init(params), batch, key))
+      parts[f"update_{label}{suffix}"] = functools.partial(update, grads, state, params, stats)
+      parts[f"step_{label}{suffix}"] = functools.partial(step, params, state, batch, key)
+  adamw = transformer.make_step(dict(kind="adam", learning_rate=1e-3), args, apply, params,
+                                batch)
+  first["adamw"] = _first_call(lambda: adamw[1](params, adamw[0](params), batch, key))
+  parts["adamw_step"] = functools.partial(adamw[1], params, adamw[0](params), batch, key)
+  return dict(model=f"lm_pydocs width {args.width} depth {args.depth}",
+              batch=f"{args.batch_size} x {args.sequence}", settings=fractions,
+              median_s=_median_times(parts, repeats), first_step_s=first)
+
+
+def report_transformer(r: dict[str, Any], inverse_every: int) -> None:
+  m = r["median_s"]
+  print(f"\n{r['model']}, batch {r['batch']} ({r['settings']}): first step "
+        + ", ".join(f"{name} {t:.1f} s" for name, t in r["first_step_s"].items()))
+  print(f"  {'part':<34}{'measured (ms)':>14}{'x adamw step':>14}")
+  for name, t in m.items():
+    print(f"  {name:<34}{1e3 * t:14.1f}{t / m['adamw_step']:14.2f}")
+  for label in TRANSFORMER_SETTINGS:
+    refresh = m[f"step_{label}_with_refresh"] - m[f"step_{label}"]
+    amortised = m[f"step_{label}"] + refresh / inverse_every
+    print(f"  jkfac {label} step, a refresh every {inverse_every} amortised: "
+          f"{1e3 * amortised:.1f} ms = {amortised / m['adamw_step']:.2f}x AdamW's", flush=True)
 
 
 def floors(sizes: tuple[int, ...], batch: int, stats_fraction: float, inverse_every: int,
@@ -169,7 +258,9 @@ def floors(sizes: tuple[int, ...], batch: int, stats_fraction: float, inverse_ev
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=harness.HelpFormatter)
+  # No abbreviations: --batch-size is lm_pydocs.py's with --transformer, not --batch-sizes.
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=harness.HelpFormatter,
+                                   allow_abbrev=False)
   parser.add_argument("--quick", action="store_true",
                       help="the autoencoder only (not the wide MLP), 5 repeats")
   parser.add_argument("--batch-sizes", default="250,1000",
@@ -180,10 +271,24 @@ def main(argv=None) -> None:
                       help="fraction of the batch the curvature statistics are computed on")
   parser.add_argument("--inverse-every", type=int, default=20,
                       help="inverse refresh period, for the amortised floor")
-  harness.add_out_argument(parser, "step_cost")
-  args = parser.parse_args(argv)
-  stem = harness.output_stem(args.out, "step_cost")
+  parser.add_argument("--transformer", action="store_true",
+                      help="time lm_pydocs.py's transformer instead; the options this script "
+                           "does not know go to lm_pydocs.py (--width, --depth, --sequence, ...)")
+  harness.add_out_argument(parser, "step_cost, or step_cost_transformer with --transformer")
+  args, lm_argv = parser.parse_known_args(argv)
   repeats = args.repeats or (5 if args.quick else 15)
+  if args.transformer:
+    stem = harness.output_stem(args.out, "step_cost_transformer")
+    result = measure_transformer(lm_argv, repeats)
+    report_transformer(result, args.inverse_every)
+    json_path = harness.with_suffix(stem, ".json")
+    json_path.write_text(json.dumps(dict(benchmark="step_cost_transformer",
+                                         machine=harness.machine(), **result), indent=1))
+    print(f"wrote {json_path}")
+    return
+  if lm_argv:
+    parser.error(f"unrecognized arguments: {' '.join(lm_argv)} (only with --transformer)")
+  stem = harness.output_stem(args.out, "step_cost")
   models = {"autoencoder": MODELS["autoencoder"]} if args.quick else MODELS
   throughput = matmul_throughput()
   print(f"float32 matmul throughput: {throughput / 1e9:.1f} GFLOP/s", flush=True)

@@ -327,3 +327,99 @@ def test_damping_share_is_the_damping_part_of_the_curvature_along_the_step():
   damped = lam * step @ step
   np.testing.assert_allclose(state.quadratic_model.damping_share,
                              damped / (step @ fisher @ step + damped), rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- #
+# Per-layer scales of the direction (layer_scales_every)
+# --------------------------------------------------------------------------- #
+
+
+def test_layer_scales_minimise_the_quadratic_model_over_the_layers_parts():
+  key1, key2, key3 = jax.random.split(KEY, 3)
+  m = jax.random.normal(key1, (3, 3), jnp.float64)
+  gram = m @ m.T
+  sizes = jax.random.uniform(key2, (3,), jnp.float64, 0.5, 2.0)
+  scales_true = jnp.array([0.5, 2.0, 8.0], jnp.float64)
+  matrix = gram + 0.1 * jnp.diag(sizes)
+  grad_dots = -matrix @ scales_true  # so that the minimiser is scales_true
+  scales = adaptive.solve_layer_scales(gram, grad_dots, sizes, 0.1, jnp.ones(3))
+  np.testing.assert_allclose(scales, scales_true / 2.0, rtol=1e-5)  # geometric mean 2
+  # A layer whose scale would be negative keeps its previous one; the bound holds.
+  grad_dots = -matrix @ jnp.array([1.0, -1.0, 4.0])
+  scales = adaptive.solve_layer_scales(gram, grad_dots, sizes, 0.1, jnp.full(3, 7.0))
+  assert scales[1] == 7.0
+  np.testing.assert_allclose(scales[jnp.array([0, 2])], [0.5, 2.0], rtol=1e-4)
+  grad_dots = -matrix @ jnp.array([1.0, 1.0, 1e5])
+  scales = adaptive.solve_layer_scales(gram, grad_dots, sizes, 0.1, jnp.ones(3))
+  assert scales[2] == pytest.approx(adaptive.MAX_LAYER_SCALE)  # 2154 before the bound
+  assert np.all((scales[:2] > 1e-2) & (scales[:2] < 0.05))  # 0.022 each (the ridge moves them)
+  # A layer with no direction at all (zero row) spoils nothing.
+  gram0 = gram.at[1].set(0.0).at[:, 1].set(0.0)
+  sizes0 = sizes.at[1].set(0.0)
+  matrix0 = gram0 + 0.1 * jnp.diag(sizes0)
+  grad_dots0 = -(matrix0 @ scales_true).at[1].set(0.0)
+  scales = adaptive.solve_layer_scales(gram0, grad_dots0, sizes0, 0.1, jnp.full(3, 3.0))
+  assert scales[1] == 3.0
+  np.testing.assert_allclose(scales[2] / scales[0], 16.0, rtol=1e-4)
+
+
+def test_layer_scaled_step_is_the_exact_quadratic_models_minimiser_over_the_layers():
+  # float64, mode "exact": the step at update 0 is α Σ_l s_l Δ_l with s the
+  # minimiser over the layers' parts of the model built from the dense exact
+  # Fisher, and it predicts at least the decrease of the unscaled step.
+  params = bf.mlp_params(KEY, SIZES)
+  x, labels = bf.classification_data(8, SIZES[0], SIZES[-1])
+  est = jkfac.estimator(bf.ce_loss, params, x, labels, mode="exact")
+  _, grads, stats = est(params, x, labels, rng=KEY)
+  fisher, unravel = _exact_fisher(params, x, "categorical")
+  flat_grad = jax.flatten_util.ravel_pytree(grads)[0]
+  lam = 0.1
+  outs = {}
+  for every in (None, 1):
+    tx = jkfac.kfac(est, damping=lam, adapt_damping=False, layer_scales_every=every)
+    state = tx.init(params)
+    step, state = tx.update(grads, state, params, stats=stats)
+    outs[every] = (jax.flatten_util.ravel_pytree(step)[0], state.quadratic_model)
+  kfac_only = jkfac.scale_by_kfac(est, damping=lam)
+  direction, _ = kfac_only.update(grads, kfac_only.init(params), params, stats=stats)
+  # each layer's part (kernel and bias) of the direction, flattened as the Fisher is
+  parts = np.stack([
+      -jax.flatten_util.ravel_pytree({name: jax.tree.map(
+          lambda d, keep=(name == layer): d if keep else jnp.zeros_like(d), direction[name])
+          for name in direction})[0] for layer in sorted(direction)])
+  direction = parts.sum(axis=0)
+  matrix = parts @ (fisher + lam * np.eye(len(direction))) @ parts.T
+  scales = np.linalg.solve(matrix, -parts @ flat_grad)
+  scales = scales / np.exp(np.mean(np.log(scales)))
+  state = outs[1][1]
+  np.testing.assert_allclose(state.layer_scales, scales, rtol=1e-6)
+  scaled = scales @ parts
+  alpha = -(flat_grad @ scaled) / (scaled @ (fisher + lam * np.eye(len(direction))) @ scaled)
+  np.testing.assert_allclose(outs[1][0], alpha * scaled, rtol=1e-6, atol=1e-12)
+  assert outs[None][1].layer_scales == ()
+  assert state.predicted_change < outs[None][1].predicted_change
+
+
+def test_layer_scales_train_a_scanned_transformer_jitted():
+  from test_scan import LM, _lm_loss  # a flax transformer, blocks stacked by nn.scan
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (4, 6), 0, 7)
+  targets = jnp.roll(tokens, -1, axis=1)
+  model = LM()
+  params = model.init(KEY, tokens)["params"]
+  est = jkfac.estimator(_lm_loss(model), params, tokens, targets)
+  tx = jkfac.kfac(est, layer_scales_every=3)
+  _, state, losses, _ = bf.train_jitted(est, tx, params, (tokens, targets), 12)
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+  scales = np.asarray(state.quadratic_model.layer_scales)
+  assert scales.shape == (len(est.layers),) and np.all(scales > 0)
+  assert not np.allclose(scales, 1.0)
+
+
+def test_layer_scales_need_the_quadratic_model():
+  params = bf.mlp_params(KEY, SIZES)
+  x, labels = bf.classification_data(8, SIZES[0], SIZES[-1])
+  est = jkfac.estimator(bf.ce_loss, params, x, labels)
+  with pytest.raises(ValueError, match="layer_scales_every chooses the layers' scales"):
+    jkfac.kfac(est, learning_rate=0.1, momentum=0.9, layer_scales_every=10)
+  with pytest.raises(ValueError, match="layer_scales_every must be a positive integer"):
+    jkfac.kfac(est, layer_scales_every=0)

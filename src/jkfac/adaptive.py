@@ -10,11 +10,23 @@ over the plane they span, `F` the exact Fisher of the current mini-batch
 (products from `stats.extras["curvature"]`, never a matrix). On the first step
 (`δ0 = 0`) μ = 0 and `α = -∇h^T Δ / (Δ^T F Δ + (λ + η)|Δ|²)`. Either can be
 fixed instead, and the other is then chosen alone.
+
+With `layer_scales_every=T`, each layer's part `Δ_l` of the direction is
+first multiplied by a scale `s_l`, re-chosen every T updates as the
+minimiser of the same quadratic model over the span of the layers' parts
+(`s = -(G + (λ + η) diag|Δ_l|²)^{-1} (∇h^T Δ_l)_l`, `G` their exact Gram
+matrix: one curvature product per layer), normalised to a geometric mean of
+1. K-FAC's blocks misjudge some layers' curvature by factors of 10 or more
+where a layer's rows are not independent examples (a transformer's value
+projection and position embeddings, whose outputs attention mixes over the
+sequence); one α for all layers must then keep the worst of them in check,
+and the others barely move.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import math
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +52,15 @@ class QuadraticModelState(NamedTuple):
     damping_share: the share of the damping in the model's curvature along
       the last update, `(λ + η)|δ|² / δ^T (F + (λ + η) I) δ`: near 1, λ
       rather than the Fisher sets the step's length.
+    layer_scales: with `layer_scales_every`, the scale of each layer's part
+      of the direction (`layer_groups` gives the layers' order); else `()`.
   """
   previous_update: Any
   learning_rate: Array
   momentum: Array
   predicted_change: Array
   damping_share: Array
+  layer_scales: Any = ()
 
 
 def _dot(a: Any, b: Any, dtype) -> Array:
@@ -57,6 +72,65 @@ def _dot(a: Any, b: Any, dtype) -> Array:
 
 MAX_MOMENTUM = 2.0
 """The largest |μ| taken from the two-dimensional solve; beyond it, α alone."""
+
+MAX_LAYER_SCALE = 100.0
+"""The largest ratio of a layer's scale to the geometric mean of all, and of its inverse."""
+
+
+def layer_groups(est: Estimator, held: Sequence[int]) -> list[list[int]]:
+  """Which of a transform's parameter leaves each layer owns.
+
+  Args:
+    est: the estimator (its layers).
+    held: the indices (among all parameter leaves) of the leaves the
+      transform updates.
+
+  Returns:
+    For each layer owning a held leaf, in `est.layers`' order, the positions
+    in `held` of its leaves; then one group per held leaf no layer owns.
+  """
+  position = {index: k for k, index in enumerate(held)}
+  groups, seen = [], set()
+  for layer in est.layers:
+    members = [position[p.index] for p in layer.params
+               if p.index in position and position[p.index] not in seen]
+    if members:
+      groups.append(members)
+      seen.update(members)
+  return groups + [[k] for k in range(len(held)) if k not in seen]
+
+
+def solve_layer_scales(gram: Array, grad_dots: Array, sizes: Array, damping: Array,
+                       previous: Array) -> Array:
+  """The layers' scales minimising the quadratic model over the span of their parts.
+
+  Minimises `½ s^T (G + λ diag(sizes)) s + g^T s`, then divides by the
+  geometric mean of the positive scales and clips each to
+  `[1/MAX_LAYER_SCALE, MAX_LAYER_SCALE]`. The system is solved in Jacobi
+  scaling (its diagonal made 1), with a small ridge, so that layers of very
+  different curvature or a layer with no direction do not spoil the rest.
+
+  Args:
+    gram: `G`, the exact curvature products of the layers' parts, LxL.
+    grad_dots: `g`, the gradient's inner products with the parts.
+    sizes: the parts' squared norms.
+    damping: `λ + η`.
+    previous: the scales in use, kept for a layer whose new scale is not
+      positive and finite (and for all, if none is).
+
+  Returns:
+    The scales, shape `(L,)`.
+  """
+  matrix = gram + damping * jnp.diag(sizes)
+  diagonal = jnp.diagonal(matrix)
+  norm = jnp.where(diagonal > 0, jnp.sqrt(jnp.where(diagonal > 0, diagonal, 1.0)), 1.0)
+  scaled = matrix / norm[:, None] / norm[None, :] + 1e-6 * jnp.eye(len(sizes), dtype=gram.dtype)
+  scales = jnp.linalg.solve(scaled, -grad_dots / norm) / norm
+  positive = jnp.isfinite(scales) & (scales > 0) & (diagonal > 0)
+  logs = jnp.log(jnp.where(positive, scales, 1.0))
+  mean = jnp.sum(jnp.where(positive, logs, 0.0)) / jnp.maximum(jnp.sum(positive), 1)
+  bound = math.log(MAX_LAYER_SCALE)
+  return jnp.where(positive, jnp.exp(jnp.clip(logs - mean, -bound, bound)), previous)
 
 
 def solve_coefficients(curvature: Array, grad_dots: Array,
@@ -114,7 +188,8 @@ def solve_coefficients(curvature: Array, grad_dots: Array,
 def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
                              learning_rate: Optional[Any] = None,
                              momentum: Optional[Any] = None,
-                             axis_name: Optional[Any] = None
+                             axis_name: Optional[Any] = None,
+                             layer_scales_every: Optional[int] = None
                              ) -> optax.GradientTransformationExtraArgs:
   """Turns preconditioned gradients into steps `α Δ + μ δ0` (section 7).
 
@@ -132,6 +207,9 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
     momentum: a fixed μ (float or schedule), or None to choose it.
     axis_name: under `pmap`, the mapped axis: the curvature products of each
       device's batch are averaged over it (the gradients are already).
+    layer_scales_every: None, or T: scale each layer's part of the
+      direction, re-choosing the scales every T updates (see the module's
+      docstring; one curvature product per layer then).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose updates are the steps
@@ -142,7 +220,11 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
     zero = jnp.zeros([], est.factor_dtype)
     _, leaves = est.align(params, "scale_by_quadratic_model.init(params)", partial=True)
     previous = optax.tree_utils.tree_zeros_like(tuple(x for x in leaves if x is not None))
-    return QuadraticModelState(previous, zero, zero, zero, zero)
+    scales = ()
+    if layer_scales_every is not None:
+      held = [i for i, x in enumerate(leaves) if x is not None]
+      scales = jnp.ones(len(layer_groups(est, held)), est.factor_dtype)
+    return QuadraticModelState(previous, zero, zero, zero, zero, scales)
 
   def update_fn(updates: Any, state: QuadraticModelState, params: Any = None, *,
                 stats: Optional[Statistics] = None, grads: Any = None, count: Any = None,
@@ -168,9 +250,26 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
     step_count = jnp.zeros([], jnp.int32) if count is None else count
     lam = value_at(damping if damping_now is None else damping_now,
                    step_count).astype(dtype) + l2_reg
-    gram = stats.extras["curvature"]([as_tree(direction), as_tree(previous)])
-    if axis_name is not None:
-      gram = jax.lax.pmean(gram, axis_name)
+    curvature_of = lambda vectors: (stats.extras["curvature"](vectors) if axis_name is None
+                                    else jax.lax.pmean(stats.extras["curvature"](vectors),
+                                                       axis_name))
+    scales = state.layer_scales
+    if layer_scales_every is not None:
+      groups = layer_groups(est, held)
+
+      def rechoose(scales):
+        parts = [[d if k in members else jnp.zeros_like(d) for k, d in enumerate(direction)]
+                 for members in groups]
+        pick = lambda leaves, members: [leaves[k] for k in members]
+        grad_dots = jnp.stack([_dot(pick(grads, m), pick(direction, m), dtype) for m in groups])
+        sizes = jnp.stack([_dot(pick(direction, m), pick(direction, m), dtype) for m in groups])
+        return solve_layer_scales(curvature_of([as_tree(part) for part in parts]), grad_dots,
+                                  sizes, lam, scales)
+
+      scales = jax.lax.cond(step_count % layer_scales_every == 0, rechoose, lambda s: s, scales)
+      group_of = {k: g for g, members in enumerate(groups) for k in members}
+      direction = [d * scales[group_of[k]].astype(d.dtype) for k, d in enumerate(direction)]
+    gram = curvature_of([as_tree(direction), as_tree(previous)])
     cross = _dot(direction, previous, dtype)
     dots = jnp.array([[_dot(direction, direction, dtype), cross],
                       [cross, _dot(previous, previous, dtype)]])
@@ -192,7 +291,7 @@ def scale_by_quadratic_model(est: Estimator, damping: Any, l2_reg: float = 0.0,
     change = jnp.where(finite, 0.5 * along + coefficients @ grad_dots, 0.0)
     damped = lam * (coefficients @ dots @ coefficients)
     share = jnp.where(finite & (along > 0), damped / jnp.where(along > 0, along, 1.0), 0.0)
-    return as_tree(step), QuadraticModelState(step, alpha, mu, change, share)
+    return as_tree(step), QuadraticModelState(step, alpha, mu, change, share, scales)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

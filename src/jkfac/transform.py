@@ -71,7 +71,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
          inverse_method: str = "cholesky", structure: str = "block_diagonal",
          axis_name: Optional[str] = None, spread_inverses: bool = True,
          mesh: Optional[jax.sharding.Mesh] = None, shard_state: bool = False,
-         skip_non_finite: bool = True) -> optax.GradientTransformationExtraArgs:
+         skip_non_finite: bool = True,
+         layer_scales_every: Optional[int] = None) -> optax.GradientTransformationExtraArgs:
   """K-FAC: the preconditioner, then momentum and the learning rate.
 
   With both `learning_rate` and `momentum` given, this is
@@ -173,6 +174,15 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       step is passed on, as optax optimizers do (`optax.apply_if_finite`
       can then skip it). The quadratic-model optimizer always takes a zero
       step on a non-finite direction or gradient.
+    layer_scales_every: None (the default), or T: with the quadratic model,
+      scale each layer's part of the K-FAC direction by a factor re-chosen
+      every T updates, the minimiser of the quadratic model over the span of
+      the layers' parts (one more curvature product per layer at those
+      updates; `jkfac.adaptive`). For models where K-FAC's blocks misjudge
+      some layers' curvature many-fold, transformers above all (a value
+      projection's outputs are mixed over the sequence by attention). The
+      scales are in `opt_state.quadratic_model.layer_scales`, one per layer
+      of `est.layers` in order (then one per parameter no layer owns).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -194,6 +204,9 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
        "the adapted λ; try 1e-8 (the default), or more with normalisation layers."),
       (kl_clip, lambda v: v > 0, "kl_clip must be positive or None, got {}: the bound on "
        "the update's predicted KL change; try 1e-2, or None for no trust region."),
+      (layer_scales_every, lambda v: v >= 1 and v == int(v), "layer_scales_every must be a "
+       "positive integer or None, got {}: the updates between two choices of the layers' "
+       "scales; try 10, or None for none."),
   ])
   fixed_step = learning_rate is not None and momentum is not None
   if damping is None:
@@ -212,6 +225,9 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     raise ValueError("nesterov=True needs a fixed learning_rate and momentum (the "
                      "quadratic model chooses its own step): pass both, or leave "
                      "nesterov=False.")
+  if layer_scales_every is not None and learning_rate is not None and momentum is not None:
+    raise ValueError("layer_scales_every chooses the layers' scales by the quadratic model: "
+                     "leave learning_rate or momentum as None to use it.")
   if gamma_interval is not None and learning_rate is not None and momentum is not None:
     raise ValueError("gamma_interval re-chooses γ by the quadratic model: leave "
                      "learning_rate or momentum as None to use it.")
@@ -235,7 +251,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       fixed = _passing_grads(fixed)
     return compiled_when_eager(_zero_step_if_not_finite(fixed) if skip_non_finite else fixed)
   adapting = adapt_damping and not callable(damping)
-  model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum, axis_name)
+  model = scale_by_quadratic_model(est, damping, l2_reg, learning_rate, momentum, axis_name,
+                                   layer_scales_every)
   zero = lambda: jnp.zeros([], jnp.int32)
 
   def init_fn(params: Any) -> KFACState:
