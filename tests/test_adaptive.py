@@ -423,3 +423,28 @@ def test_layer_scales_need_the_quadratic_model():
     jkfac.kfac(est, learning_rate=0.1, momentum=0.9, layer_scales_every=10)
   with pytest.raises(ValueError, match="layer_scales_every must be a positive integer"):
     jkfac.kfac(est, layer_scales_every=0)
+
+
+def test_a_step_the_model_cannot_vouch_for_is_checked_between_measurements(monkeypatch):
+  # The model's step replaced by a short one with momentum 1 (all of the
+  # previous update) at every step: each is checked (ρ measured, a loss that
+  # rose rejected), not only the first 5 and then every 5th.
+  real = adaptive.solve_coefficients
+
+  def momentum_one(curvature, grad_dots, learning_rate=None, momentum=None):
+    alpha, _ = real(curvature, grad_dots, learning_rate, momentum)
+    return 0.01 * alpha, jnp.where(curvature[1, 1] > 0, 1.0, 0.0)
+
+  monkeypatch.setattr(adaptive, "solve_coefficients", momentum_one)
+  params, x, t = _mlp_problem()
+  est = jkfac.estimator(bf.ce_loss, params, x, t, mode="exact")
+  tx = jkfac.kfac(est, damping=1e-3, damping_interval=5, inverse_every=1)
+  state = tx.init(params)
+  ratios = []
+  for _ in range(9):  # regularly measured: the first 5 steps, then the 10th
+    _, grads, stats = est(params, x, t)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    params = optax.apply_updates(params, updates)
+    ratios.append(float(state.reduction_ratio))
+  assert int(state.rejected_steps) == 0
+  assert np.all(np.diff(ratios) != 0), ratios  # a new ρ at every step

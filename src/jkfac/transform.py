@@ -97,7 +97,10 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   `curvature_fraction < 1`: the loss before the step too). With
   `reject_steps`, a measured step whose loss rose or is not finite is not
   taken (no step, momentum kept), λ is multiplied by at least 10 and the
-  inverses are recomputed with it: a trust-region method's rejection. The
+  inverses are recomputed with it: a trust-region method's rejection. With
+  the momentum chosen too, a step between two measurements is also checked
+  (and rejected the same way) when the model fell back to the direction
+  alone or chose `|μ| ≥ 1`, where it is least to be trusted. The
   inverses are also recomputed early whenever λ has moved by more than a
   factor of 2 since their last refresh. Use it as any optax optimizer,
   passing `stats=` to `update`.
@@ -134,9 +137,9 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       (section 6.6; the paper's T2 is 20): three inverse refreshes at those
       steps. None (the default): `γ = sqrt(λ + η)` always. Needs the
       quadratic model (`learning_rate` or `momentum` None).
-    reject_steps: with `adapt_damping`, reject a measured step whose loss
-      rose or is not finite (see above). False: every step is taken, as in
-      the paper.
+    reject_steps: with `adapt_damping`, reject a measured (or checked) step
+      whose loss rose or is not finite (see above). False: every step is
+      taken, as in the paper.
     kl_clip: with a fixed `learning_rate`, the trust region's bound κ on
       `(learning_rate / (1 - momentum))² Δ^T ∇h / n`, the update's predicted
       change in KL per predicted variable (`Δ^T ∇h = Δ^T F̆ Δ` under the
@@ -319,13 +322,22 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
         change = jax.lax.pmean(change, axis_name)
       return change
 
-    change = jax.lax.cond(measured, measure,
+    checked = measured
+    if reject_steps and momentum is None:
+      # A step the model did not choose in its plane (it fell back to the direction
+      # alone) or whose momentum reverses or exceeds the whole previous update is
+      # checked too: on small batches those are where the model is least to be
+      # trusted, and one of them can throw the parameters far off between two
+      # measurements. Only a rejection adapts λ there.
+      checked = measured | ((count > 0) & ((second.momentum == 0)
+                                           | (jnp.abs(second.momentum) >= 1)))
+    change = jax.lax.cond(checked, measure,
                           lambda _: jnp.full([], jnp.nan, est.factor_dtype), None)
     rho = change / second.predicted_change
-    rejected = measured & (~jnp.isfinite(change) | (change > 0)) & reject_steps
-    new_lam, streak = damping_lib.adapt(lam, state.damping_streak, rho, rejected, measured,
-                                        probing, damping_interval, second.damping_share,
-                                        min_damping)
+    rejected = checked & (~jnp.isfinite(change) | (change > 0)) & reject_steps
+    new_lam, streak = damping_lib.adapt(lam, state.damping_streak, rho, rejected,
+                                        measured | rejected, probing, damping_interval,
+                                        second.damping_share, min_damping)
     # A rejected step: no step, the momentum's previous update kept, and the
     # inverses damped with the raised λ (also γ, when it is re-chosen).
     step = jax.tree.map(lambda s: jnp.where(rejected, jnp.zeros_like(s), s), step)
