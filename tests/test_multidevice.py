@@ -150,22 +150,26 @@ def test_a_deep_stack_is_shared_out_below_layer_granularity():
   tokens = jax.random.randint(jax.random.PRNGKey(3), (DEVICES, ts.SEQUENCE), 0, ts.VOCAB)
   targets = jnp.roll(tokens, -1, axis=1)
 
-  def updates_of(depth, **options):
+  def updates_of(depth, *variants):
+    """A pmapped update per variant's options (one estimator), and its arguments."""
     model = ts.LM(width=16, depth=depth)
     params = model.init(KEY, tokens[:1])["params"]
     est = jkfac.estimator(ts._lm_loss(model), params, tokens[:1], targets[:1], mode="exact")
     assert any(l.stack == (depth,) for l in est.layers)
-    tx = jkfac.scale_by_kfac(est, damping=1e-2, axis_name="devices", **options)
+    steps = []
+    for options in variants or ({},):
+      tx = jkfac.scale_by_kfac(est, damping=1e-2, axis_name="devices", **options)
 
-    def step(params, state, x, y):
-      _, grads, stats = est(params, x, y)
-      return tx.update(grads, state, params, stats=stats)[0]
-    args = (jax.tree.map(lambda a: jnp.stack([a] * DEVICES), params),
-            jax.tree.map(lambda a: jnp.stack([a] * DEVICES), tx.init(params)),
-            tokens[:, None], targets[:, None])
-    return jax.pmap(step, axis_name="devices"), args
+      def step(params, state, x, y, tx=tx):
+        _, grads, stats = est(params, x, y)
+        return tx.update(grads, state, params, stats=stats)[0]
+      args = (jax.tree.map(lambda a: jnp.stack([a] * DEVICES), params),
+              jax.tree.map(lambda a: jnp.stack([a] * DEVICES), tx.init(params)),
+              tokens[:, None], targets[:, None])
+      steps.append((jax.pmap(step, axis_name="devices"), args))
+    return steps
 
-  spread, args = updates_of(12)
+  ((spread, args),) = updates_of(12)
   jaxpr = jax.make_jaxpr(spread)(*args)
   switches = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "cond"
               and len(e.params["branches"]) == DEVICES]
@@ -174,8 +178,7 @@ def test_a_deep_stack_is_shared_out_below_layer_granularity():
   total = _factorisation_cost(jaxpr.jaxpr)
   assert sum(shares) == total  # all of it inside the switch
   assert max(shares) <= 1.5 * total / DEVICES, [s / total for s in shares]
-  spread, args = updates_of(3)
-  everywhere, _ = updates_of(3, spread_inverses=False)
+  (spread, args), (everywhere, _) = updates_of(3, {}, {"spread_inverses": False})
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
                spread(*args), everywhere(*args))
 
@@ -402,7 +405,10 @@ def test_two_processes_of_four_devices_equal_one_device(axes):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # The suite's compiler flags (conftest.py), not its device count: the script sets that.
+  env = dict(os.environ, XLA_FLAGS=" ".join(
+      flag for flag in os.environ.get("XLA_FLAGS", "").split()
+      if not flag.startswith("--xla_force_host_platform_device_count")))
   script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "multiprocess.py"
   proc = subprocess.run([sys.executable, str(script), "--launch", "2", "--local-devices", "4",
                          "--coordinator", f"127.0.0.1:{port}", "--axes", axes]

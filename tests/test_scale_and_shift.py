@@ -60,15 +60,20 @@ def test_flax_normalisation_layers_are_found_with_exact_per_example_statistics(n
   kinds = {layer.name: layer.kind for layer in est.layers}
   norm_name = [n for n in params if n not in ("Conv_0", "Dense_0")][0]
   assert kinds == {"Conv_0": "conv", norm_name: "scale_and_shift", "Dense_0": "dense"}, est
-  _, grads, stats = est(params, x, y)
-  jacobian = jax.jacobian(per_example)(params)[norm_name]
+  damping = 0.01
+  tx = jkfac.scale_by_kfac(est, damping=damping)
+
+  @jax.jit  # one program: eagerly, every operation of the model compiles on its own
+  def compute(params):
+    _, grads, stats = est(params, x, y)
+    updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+    return stats, updates, jax.jacobian(per_example)(params)[norm_name]
+
+  stats, updates, jacobian = compute(params)
   rows = np.concatenate([np.asarray(jacobian[k]).reshape(N, -1)
                          for k in ("scale", "bias") if k in jacobian], axis=1)
   np.testing.assert_allclose(stats.factors[norm_name]["diag"], np.mean(rows ** 2, axis=0),
                              rtol=1e-9, atol=1e-14)
-  damping = 0.01
-  tx = jkfac.scale_by_kfac(est, damping=damping)
-  updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
   expected = np.mean(rows, axis=0) / (np.mean(rows ** 2, axis=0) + damping)
   got = np.concatenate([np.asarray(updates[norm_name][k]).reshape(-1)
                         for k in ("scale", "bias") if k in jacobian])
