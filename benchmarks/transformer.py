@@ -289,7 +289,7 @@ def summarise(records: list[dict[str, Any]], args: argparse.Namespace, metric: s
 def print_summary(summary: dict[str, Any], label: str) -> None:
   """The table, the failed runs and the verdict, as text."""
   marks = summary["marks"]
-  print(f"\n  optimizer               " + "".join(f"{label + '@' + str(s):>11}" for s in marks)
+  print("\n  optimizer               " + "".join(f"{label + '@' + str(s):>11}" for s in marks)
         + "  step (s)  vs adamw  first step (s)  state (MB)")
   for row in summary["table"]:
     ratio = summary.get("step_time_vs_adamw", {}).get(row["optimizer"], float("nan"))
