@@ -9,6 +9,7 @@ import pytest
 
 import brute_force as bf
 import jkfac
+from test_scan import _ONCE  # in the newest-JAX suite only (CI time)
 from jkfac import adaptive
 
 KEY = jax.random.PRNGKey(0)
@@ -400,6 +401,7 @@ def test_layer_scaled_step_is_the_exact_quadratic_models_minimiser_over_the_laye
   assert state.predicted_change < outs[None][1].predicted_change
 
 
+@_ONCE  # a flax model's training; the scales' solve and step are checked in both suites
 def test_layer_scales_train_a_scanned_transformer_jitted():
   from test_scan import LM, _lm_loss  # a flax transformer, blocks stacked by nn.scan
   tokens = jax.random.randint(jax.random.PRNGKey(3), (4, 6), 0, 7)

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from test_scan import _ONCE  # in the newest-JAX suite only (CI time)
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -43,13 +45,15 @@ def test_the_looped_model_with_unstacked_parameters_is_the_scanned_model(bench, 
   args = bench.parse_args(SMALL + (["--sequence", "8"] if bench is lm else ["--patch", "8"]))
   x = inputs()
   scanned, looped = bench.make_model(args), bench.make_model(args, scanned=False)
-  params = scanned.init(jax.random.PRNGKey(0), x)["params"]
+  # Compiled (eagerly, each of the models' operations compiles on its own); the
+  # looped model's parameters only as shapes.
+  params = jax.jit(scanned.init)(jax.random.PRNGKey(0), x)["params"]
   unstacked = bench.transformer.unstack(params, args.depth, ("Stack_0",))
   assert set(unstacked["Stack_0"]) == {"block_0", "block_1", "block_2"}
   assert (jax.tree.structure(unstacked)
-          == jax.tree.structure(looped.init(jax.random.PRNGKey(0), x)["params"]))
-  np.testing.assert_allclose(looped.apply({"params": unstacked}, x),
-                             scanned.apply({"params": params}, x), rtol=1e-5, atol=1e-6)
+          == jax.tree.structure(jax.eval_shape(looped.init, jax.random.PRNGKey(0), x)["params"]))
+  np.testing.assert_allclose(jax.jit(looped.apply)({"params": unstacked}, x),
+                             jax.jit(scanned.apply)({"params": params}, x), rtol=1e-5, atol=1e-6)
 
 
 def test_language_model_batches_are_the_next_bytes_and_the_same_in_every_run():
@@ -87,6 +91,7 @@ def test_a_run_that_raises_is_recorded_with_its_error(tmp_path):
       name="kfac-jax", error="ValueError: kfac-jax cannot handle this model")
 
 
+@_ONCE  # the benchmark's runs, on one JAX (a compilation per optimizer)
 def test_every_optimizer_trains_the_language_model_a_few_steps():
   args = lm.parse_args(SMALL + ["--sequence", "8", "--batch-size", "4"])
   text = np.frombuffer(b"abcdefghij" * 20, np.uint8)
