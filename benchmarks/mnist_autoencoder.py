@@ -15,10 +15,13 @@ JAX 0.8.3).
     python benchmarks/mnist_autoencoder.py             # the full comparison
     python benchmarks/mnist_autoencoder.py --optimizers jkfac,adam \
         --param-dtype float32,bfloat16 --steps 500     # precision, side by side
-    python benchmarks/mnist_autoencoder.py --optimizers jkfac_damping150,kfac_jax
-                                                       # both starting at damping 150
-    python benchmarks/mnist_autoencoder.py --optimizers jkfac,kfac_jax \
-        --kfac-jax-damping 1                           # both starting at damping 1
+    python benchmarks/mnist_autoencoder.py --optimizers jkfac_tridiagonal,sgd
+                                                       # runs outside the default set
+
+The full comparison runs jkfac and kfac-jax's adaptive optimizer each from
+damping 1 (jkfac's) and from 150 (kfac-jax's example's), so that neither is
+handicapped, and says how many of kfac-jax's steps and how much of its time
+jkfac needed to reach kfac-jax's loss at step 100 from the same damping.
 
 It prints, for each run, when it compiles and its progress; then a table
 (final loss, loss midway, step times, memory) and a verdict in words: which
@@ -61,10 +64,12 @@ import harness  # pylint: disable=g-import-not-at-top
 
 # jkfac: learning rate and momentum from the quadratic model, Levenberg-
 # Marquardt damping (K-FAC sections 6-7), statistics on 1/8 of each batch,
-# the quadratic model's curvature products on 1/4 ("jkfac_full_curvature":
-# on the whole batch, as the paper).
-JKFAC = dict(learning_rate=None, momentum=None, damping=1.0, inverse_every=20,
-             stats_fraction=0.125, curvature_fraction=0.25)
+# the quadratic model's curvature products on the whole batch (the paper's
+# and jkfac's default; on 1/4 the loss levels off near 57 after 300 steps),
+# inverses every 5 steps as kfac-jax's example ("jkfac_quarter_curvature":
+# the cheaper step, products on 1/4 and inverses every 20).
+JKFAC = dict(learning_rate=None, momentum=None, damping=1.0, inverse_every=5,
+             stats_fraction=0.125, curvature_fraction=1.0)
 # Fixed learning rate, momentum and damping, inverses every 20 steps: the
 # settings at which jkfac's and kfac-jax's step times are compared.
 FIXED = dict(learning_rate=0.1, momentum=0.9, damping=10.0, inverse_every=20)
@@ -73,13 +78,18 @@ SGD_GRID = (0.01, 0.03, 0.1)
 QUICK_ADAM_GRID = (1e-3,)
 QUICK_SGD_GRID = (0.01,)
 ALL = ("jkfac", "jkfac_fixed", "jkfac_fixed_eighth", "adam", "sgd",
-       "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats", "jkfac_full_curvature",
+       "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats", "jkfac_quarter_curvature", "jkfac_full_curvature",
        "jkfac_tridiagonal", "jkfac_gamma", "jkfac_damping150", "jkfac_ekfac", "jkfac_singd")
 # Not in the default set of the full run (`--optimizers` asks for them).
-OPTIONAL = ("jkfac_damping150",)
+OPTIONAL = ("jkfac_fixed_eighth", "sgd", "jkfac_full_stats", "jkfac_full_curvature",
+            "jkfac_tridiagonal", "jkfac_gamma", "jkfac_ekfac", "jkfac_singd")
 QUICK = ("jkfac", "adam", "sgd", "kfac_jax")
-# kfac-jax's autoencoder example's initial damping (its adaptive damping starts there).
+# kfac-jax's autoencoder example's initial damping (its adaptive damping starts
+# there); the full run also starts it at jkfac's, so that neither is handicapped.
 KFAC_JAX_DAMPING = 150.0
+KFAC_JAX_DAMPINGS = (KFAC_JAX_DAMPING, JKFAC["damping"])
+# The equal-damping comparison: the step count of kfac-jax's loss that jkfac is to reach.
+EQUAL_DAMPING_STEP = 100
 # The step at which the table shows the loss midway, when every run evaluated there.
 MIDWAY_STEP = 200
 DTYPES = ("float32", "bfloat16", "float16")
@@ -112,9 +122,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                            + ",".join(QUICK) + " with --quick, else all but "
                            + ",".join(OPTIONAL) + "; kfac_jax runs only where kfac-jax "
                            "is installed and works)")
-  parser.add_argument("--kfac-jax-damping", type=float, default=KFAC_JAX_DAMPING,
-                      help="initial damping of the kfac_jax run (its adaptive damping starts "
-                           "there; 150 is kfac-jax's example's, 1 is jkfac's)")
+  parser.add_argument("--kfac-jax-damping", default=None,
+                      help="comma-separated initial dampings of the kfac_jax runs, one run "
+                           "each (its adaptive damping starts there; 150 is kfac-jax's "
+                           "example's, 1 is jkfac's; default: "
+                           f"{KFAC_JAX_DAMPING:g} with --quick, else "
+                           f"{','.join(f'{d:g}' for d in KFAC_JAX_DAMPINGS)})")
   parser.add_argument("--param-dtype", default="float32",
                       help="comma-separated parameter (and input) dtypes, each of "
                            f"{', '.join(DTYPES)}; every optimizer runs in each (kfac-jax "
@@ -136,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = 150 if args.quick else 1000
   if args.eval_every is None:
     args.eval_every = 10 if args.quick else 20
+  args.kfac_jax_dampings = ((KFAC_JAX_DAMPING,) if args.quick else KFAC_JAX_DAMPINGS) if (
+      args.kfac_jax_damping is None) else tuple(float(d) for d in args.kfac_jax_damping.split(","))
   if args.quick:
     args.eval_size = min(args.eval_size, 5000)
   args.param_dtypes = list(dict.fromkeys(args.param_dtype.split(",")))
@@ -175,25 +190,31 @@ def _runs_in_float32(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[s
     runs.append(dict(name="jkfac", kind="jkfac", **JKFAC))
   if "jkfac_damping150" in wanted:  # side by side with kfac-jax's example, which starts at 150
     runs.append(dict(name="jkfac from damping 150", kind="jkfac", **dict(JKFAC, damping=150.0)))
+  # The earlier default runs' settings (inverses every 20), so that the commands of
+  # the README's earlier tables still run what they ran.
+  earlier = dict(JKFAC, inverse_every=20)
   if "jkfac_full_curvature" in wanted:
-    runs.append(dict(name="jkfac full-batch curvature", kind="jkfac",
-                     **dict(JKFAC, curvature_fraction=1.0)))
+    runs.append(dict(name="jkfac full-batch curvature", kind="jkfac", **earlier))
+  if "jkfac_quarter_curvature" in wanted:
+    runs.append(dict(name="jkfac, curvature on 1/4, inverses every 20", kind="jkfac",
+                     **dict(JKFAC, curvature_fraction=0.25, inverse_every=20)))
   # Section 4.3 (the 8 dense layers are one chain) and section 6.6 (γ re-chosen
   # every T2 = 20 steps), both with the curvature products on the whole batch.
   if "jkfac_tridiagonal" in wanted:
     runs.append(dict(name="jkfac tridiagonal", kind="jkfac", **dict(
-        JKFAC, curvature_fraction=1.0, structure="block_tridiagonal")))
+        earlier, structure="block_tridiagonal")))
   if "jkfac_gamma" in wanted:
     runs.append(dict(name="jkfac gamma T2=20", kind="jkfac", **dict(
-        JKFAC, curvature_fraction=1.0, gamma_interval=20)))
+        earlier, gamma_interval=20)))
   # Other blocks for every layer, jkfac's defaults otherwise: EK-FAC (George et
   # al. 2018) and the inverse-free SINGD factors (Lin et al. 2024).
   for block in ("ekfac", "singd"):
     if f"jkfac_{block}" in wanted:
-      runs.append(dict(name=f"jkfac {block}", kind="jkfac", **dict(JKFAC, overrides={"*": block})))
+      runs.append(dict(name=f"jkfac {block}", kind="jkfac",
+                       **dict(earlier, curvature_fraction=0.25, overrides={"*": block})))
   if "jkfac_full_stats" in wanted:
     runs.append(dict(name="jkfac full-batch stats", kind="jkfac",
-                     **dict(JKFAC, stats_fraction=1.0, curvature_fraction=1.0)))
+                     **dict(earlier, stats_fraction=1.0)))
   if "jkfac_fixed" in wanted:
     runs.append(dict(name="jkfac fixed", kind="jkfac", stats_fraction=1.0, **fixed))
   if "jkfac_fixed_eighth" in wanted:
@@ -208,11 +229,11 @@ def _runs_in_float32(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[s
     runs += [dict(name=f"sgd-nesterov lr={lr:g}", kind="sgd", group="sgd", learning_rate=lr,
                   momentum=0.9) for lr in (QUICK_SGD_GRID if args.quick else SGD_GRID)]
   if kfac_jax_ok and "kfac_jax" in wanted:
-    damping = args.kfac_jax_damping
-    name = "kfac-jax adaptive" + ("" if damping == KFAC_JAX_DAMPING else
-                                  f" from damping {damping:g}")
-    runs.append(dict(name=name, kind="kfac_jax", adaptive=True, inverse_every=5,
-                     initial_damping=damping))
+    for damping in args.kfac_jax_dampings:
+      name = "kfac-jax adaptive" + ("" if damping == KFAC_JAX_DAMPING else
+                                    f" from damping {damping:g}")
+      runs.append(dict(name=name, kind="kfac_jax", adaptive=True, inverse_every=5,
+                       initial_damping=damping))
   if kfac_jax_ok and "kfac_jax_fixed" in wanted:
     runs.append(dict(name="kfac-jax fixed", kind="kfac_jax", adaptive=False, **fixed))
   return runs
@@ -365,15 +386,16 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     if a in best and b in best:
       ratios[name] = best[a][key] / best[b][key]
 
-  # The adaptive kfac-jax run (named after its initial damping when not kfac-jax's 150).
+  # The adaptive kfac-jax run (kfac-jax's 150, else the first initial damping it ran from).
   kfac_jax = next((g for g, r in best.items() if r.get("kind") == "kfac_jax" and r.get("adaptive")),
                   "kfac-jax adaptive")
+  kfac_jax = "kfac-jax adaptive" if "kfac-jax adaptive" in best else kfac_jax
   ratio("jkfac fixed / kfac-jax fixed, step", "jkfac fixed", "kfac-jax fixed")
   ratio("jkfac fixed stats 1/8 / adam, step", "jkfac fixed, stats 1/8", "adam")
   ratio("jkfac fixed / adam, step", "jkfac fixed", "adam")
   ratio("jkfac / kfac-jax adaptive, step", "jkfac", kfac_jax)
-  ratio("jkfac full-batch curvature / kfac-jax adaptive, step", "jkfac full-batch curvature",
-        kfac_jax)
+  ratio("jkfac curvature 1/4 / kfac-jax adaptive, step",
+        "jkfac, curvature on 1/4, inverses every 20", kfac_jax)
   ratio("jkfac tridiagonal / kfac-jax adaptive, step", "jkfac tridiagonal", kfac_jax)
   ratio("jkfac gamma T2=20 / kfac-jax adaptive, step", "jkfac gamma T2=20", kfac_jax)
   ratio("jkfac from damping 150 / kfac-jax adaptive, step", "jkfac from damping 150", kfac_jax)
@@ -383,6 +405,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
   ratio("jkfac / adam, first step", "jkfac", "adam", "first_step_s")
   ratio("jkfac / kfac-jax adaptive, state bytes", "jkfac", kfac_jax, "state_bytes")
   summary["ratios"] = ratios
+  summary["equal_damping"] = equal_damping(best)
   if len({r.get("param_dtype", "float32") for r in records}) > 1:
     summary["precision"] = precision_summary(records)
   summary["verdict"] = harness.verdict(best, "loss")
@@ -398,6 +421,42 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     summary["seconds_to_adam_final_loss"] = {r["name"]: harness.seconds_to(r, "loss", target)
                                              for r in best.values()}
   return summary
+
+
+def equal_damping(best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+  """jkfac against kfac-jax's adaptive run from the same initial damping.
+
+  Args:
+    best: the runs by group (`harness.best_of_groups`).
+
+  Returns:
+    Per kfac-jax adaptive run with a jkfac run of the same settings from its
+    initial damping ("jkfac" from 1, "jkfac from damping 150"): kfac-jax's
+    loss at `EQUAL_DAMPING_STEP`, the steps and the time (steps x typical
+    step time) each took to reach it, and jkfac's fractions of both.
+  """
+  jkfac_from = {r.get("damping"): r for g, r in best.items()
+                if g in ("jkfac", "jkfac from damping 150")}
+  rows = []
+  for r in best.values():
+    if r.get("kind") != "kfac_jax" or not r.get("adaptive"):
+      continue
+    mine = jkfac_from.get(r.get("initial_damping"))
+    target = harness.value_at(r, "loss", EQUAL_DAMPING_STEP)
+    if mine is None or target is None:
+      continue
+    steps = {name: harness.steps_to(run, "loss", target) for name, run in
+             ((r["name"], r), (mine["name"], mine))}
+    times = {name: harness.time_to(run, "loss", target) for name, run in
+             ((r["name"], r), (mine["name"], mine))}
+    mine_steps, theirs_steps = steps[mine["name"]], steps[r["name"]]
+    mine_time, theirs_time = times[mine["name"]], times[r["name"]]
+    rows.append(dict(initial_damping=r["initial_damping"], kfac_jax=r["name"],
+                     jkfac=mine["name"], target_loss=target, steps=steps, seconds=times,
+                     step_fraction=None if mine_steps is None else mine_steps / theirs_steps,
+                     time_fraction=None if mine_time is None else
+                     mine_time["seconds"] / theirs_time["seconds"]))
+  return rows
 
 
 PRECISION_STEPS = (100, 200, 500, 1000)
@@ -501,6 +560,12 @@ def print_summary(summary: dict[str, Any]) -> None:
     end = (f"diverged at step {row['diverged_at']}" if row["diverged_at"] is not None else
            f"final {100 * row['final_relative_difference']:+.1f}%")
     print(f"  {row['optimizer']} in {row['param_dtype']} vs float32: {losses}; {end}")
+  for row in summary.get("equal_damping", []):
+    fraction = lambda v: "not reached" if v is None else f"{v:.2f}x"
+    print(f"  from damping {row['initial_damping']:g}: {row['kfac_jax']}'s loss at step "
+          f"{EQUAL_DAMPING_STEP} ({row['target_loss']:.2f}) reached by {row['jkfac']} in "
+          f"{fraction(row['step_fraction'])} its steps and {fraction(row['time_fraction'])} "
+          "its time")
   print("\nVerdict:")
   for line in summary["verdict"]["lines"]:
     print("  " + "\n    ".join(textwrap.wrap(line, 104)))

@@ -89,6 +89,29 @@ def test_the_table_has_no_empty_column():
   assert all(row["loss_at_midway"] is not None for row in summary["table"])
 
 
+def test_equal_damping_compares_jkfac_with_kfac_jax_from_the_same_damping():
+  mnist = _load("mnist_autoencoder")
+  losses = [500, 300, 200, 150, 120, 100, 90, 85, 80, 75, 70]  # steps 1, 10, ..., 100
+  best = {
+      "jkfac": dict(_record("jkfac", "jkfac", [500, 200, 120, 90, 70, 65, 60, 58, 56, 54, 52],
+                            step_s=0.2), damping=1.0),
+      "jkfac from damping 150": dict(_record("jkfac from damping 150", "jkfac",
+                                             [500] * 11, step_s=0.2), damping=150.0),
+      "kfac-jax adaptive": dict(_record("kfac-jax adaptive", "kfac_jax", losses, step_s=0.4),
+                                adaptive=True, initial_damping=150.0),
+      "kfac-jax adaptive from damping 1": dict(
+          _record("kfac-jax adaptive from damping 1", "kfac_jax", losses, step_s=0.4),
+          adaptive=True, initial_damping=1.0),
+  }
+  rows = {row["initial_damping"]: row for row in mnist.equal_damping(best)}
+  assert rows[1.0]["jkfac"] == "jkfac" and rows[1.0]["target_loss"] == 70
+  assert rows[1.0]["steps"] == {"kfac-jax adaptive from damping 1": 100, "jkfac": 40}
+  assert rows[1.0]["step_fraction"] == pytest.approx(0.4)
+  assert rows[1.0]["time_fraction"] == pytest.approx(40 * 0.2 / (100 * 0.4))
+  assert rows[150.0]["jkfac"] == "jkfac from damping 150"
+  assert rows[150.0]["step_fraction"] is None and rows[150.0]["time_fraction"] is None
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
 def test_help_explains_every_option_and_runs_nothing(script, tmp_path):
   results = sorted((p, p.stat().st_mtime_ns) for p in (BENCHMARKS / "results").iterdir())
