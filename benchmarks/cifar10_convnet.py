@@ -177,7 +177,6 @@ def _cross_entropy(logits, labels):
 def make_step(run: dict[str, Any], model, params, batch):
   """Returns `(init, step)` for one run's optimizer."""
   import jax
-  import jax.numpy as jnp
   import optax
 
   def objective(p, images, labels):
@@ -188,9 +187,8 @@ def make_step(run: dict[str, Any], model, params, batch):
   if run["kind"] == "jkfac":
     import jkfac
     def loss_fn(p, images, labels):
-      l2 = sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(p))
       return (jkfac.softmax_cross_entropy(model.apply({"params": p}, images), labels)
-              + 0.5 * run["l2_reg"] * l2)
+              + 0.5 * run["l2_reg"] * optax.tree_utils.tree_norm(p, squared=True))
 
     est = jkfac.estimator(loss_fn, params, *batch, stats_fraction=run["stats_fraction"])
     print(est, file=sys.stderr)

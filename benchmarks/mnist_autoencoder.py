@@ -78,8 +78,9 @@ SGD_GRID = (0.01, 0.03, 0.1)
 QUICK_ADAM_GRID = (1e-3,)
 QUICK_SGD_GRID = (0.01,)
 ALL = ("jkfac", "jkfac_fixed", "jkfac_fixed_eighth", "adam", "sgd",
-       "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats", "jkfac_quarter_curvature", "jkfac_full_curvature",
-       "jkfac_tridiagonal", "jkfac_gamma", "jkfac_damping150", "jkfac_ekfac", "jkfac_singd")
+       "kfac_jax", "kfac_jax_fixed", "jkfac_full_stats", "jkfac_quarter_curvature",
+       "jkfac_full_curvature", "jkfac_tridiagonal", "jkfac_gamma", "jkfac_damping150",
+       "jkfac_ekfac", "jkfac_singd")
 # Not in the default set of the full run (`--optimizers` asks for them).
 OPTIONAL = ("jkfac_fixed_eighth", "sgd", "jkfac_full_stats", "jkfac_full_curvature",
             "jkfac_tridiagonal", "jkfac_gamma", "jkfac_ekfac", "jkfac_singd")
@@ -193,11 +194,11 @@ def _runs_in_float32(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[s
   # The earlier default runs' settings (inverses every 20), so that the commands of
   # the README's earlier tables still run what they ran.
   earlier = dict(JKFAC, inverse_every=20)
+  quarter = dict(earlier, curvature_fraction=0.25)
   if "jkfac_full_curvature" in wanted:
     runs.append(dict(name="jkfac full-batch curvature", kind="jkfac", **earlier))
   if "jkfac_quarter_curvature" in wanted:
-    runs.append(dict(name="jkfac, curvature on 1/4, inverses every 20", kind="jkfac",
-                     **dict(JKFAC, curvature_fraction=0.25, inverse_every=20)))
+    runs.append(dict(name="jkfac, curvature on 1/4, inverses every 20", kind="jkfac", **quarter))
   # Section 4.3 (the 8 dense layers are one chain) and section 6.6 (γ re-chosen
   # every T2 = 20 steps), both with the curvature products on the whole batch.
   if "jkfac_tridiagonal" in wanted:
@@ -211,7 +212,7 @@ def _runs_in_float32(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[s
   for block in ("ekfac", "singd"):
     if f"jkfac_{block}" in wanted:
       runs.append(dict(name=f"jkfac {block}", kind="jkfac",
-                       **dict(earlier, curvature_fraction=0.25, overrides={"*": block})))
+                       **dict(quarter, overrides={"*": block})))
   if "jkfac_full_stats" in wanted:
     runs.append(dict(name="jkfac full-batch stats", kind="jkfac",
                      **dict(earlier, stats_fraction=1.0)))
@@ -387,9 +388,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
       ratios[name] = best[a][key] / best[b][key]
 
   # The adaptive kfac-jax run (kfac-jax's 150, else the first initial damping it ran from).
-  kfac_jax = next((g for g, r in best.items() if r.get("kind") == "kfac_jax" and r.get("adaptive")),
-                  "kfac-jax adaptive")
-  kfac_jax = "kfac-jax adaptive" if "kfac-jax adaptive" in best else kfac_jax
+  kfac_jax = "kfac-jax adaptive" if "kfac-jax adaptive" in best else next(
+      (g for g, r in best.items() if r.get("kind") == "kfac_jax" and r.get("adaptive")),
+      "kfac-jax adaptive")
   ratio("jkfac fixed / kfac-jax fixed, step", "jkfac fixed", "kfac-jax fixed")
   ratio("jkfac fixed stats 1/8 / adam, step", "jkfac fixed, stats 1/8", "adam")
   ratio("jkfac fixed / adam, step", "jkfac fixed", "adam")
@@ -445,17 +446,15 @@ def equal_damping(best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     target = harness.value_at(r, "loss", EQUAL_DAMPING_STEP)
     if mine is None or target is None:
       continue
-    steps = {name: harness.steps_to(run, "loss", target) for name, run in
-             ((r["name"], r), (mine["name"], mine))}
-    times = {name: harness.time_to(run, "loss", target) for name, run in
-             ((r["name"], r), (mine["name"], mine))}
-    mine_steps, theirs_steps = steps[mine["name"]], steps[r["name"]]
-    mine_time, theirs_time = times[mine["name"]], times[r["name"]]
+    pair = {r["name"]: r, mine["name"]: mine}
+    steps = {name: harness.steps_to(run, "loss", target) for name, run in pair.items()}
+    times = {name: harness.time_to(run, "loss", target) for name, run in pair.items()}
+    reached = steps[mine["name"]] is not None  # kfac-jax reaches its own loss
     rows.append(dict(initial_damping=r["initial_damping"], kfac_jax=r["name"],
                      jkfac=mine["name"], target_loss=target, steps=steps, seconds=times,
-                     step_fraction=None if mine_steps is None else mine_steps / theirs_steps,
-                     time_fraction=None if mine_time is None else
-                     mine_time["seconds"] / theirs_time["seconds"]))
+                     step_fraction=steps[mine["name"]] / steps[r["name"]] if reached else None,
+                     time_fraction=(times[mine["name"]]["seconds"] / times[r["name"]]["seconds"]
+                                    if reached else None)))
   return rows
 
 

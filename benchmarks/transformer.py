@@ -197,7 +197,6 @@ def make_step(run: dict[str, Any], args: argparse.Namespace, apply: Callable, pa
     The optimizer's `init(params)` and the step, jitted (kfac-jax's jits inside).
   """
   import jax
-  import jax.numpy as jnp
   import optax
 
   if run["kind"] == "kfac_jax":
@@ -210,7 +209,7 @@ def make_step(run: dict[str, Any], args: argparse.Namespace, apply: Callable, pa
     def loss_fn(p, inputs, labels):
       loss = jkfac.softmax_cross_entropy(apply(p, inputs), labels)
       if l2_reg:
-        loss += 0.5 * l2_reg * sum(jnp.vdot(x, x) for x in jax.tree.leaves(p))
+        loss += 0.5 * l2_reg * optax.tree_utils.tree_norm(p, squared=True)
       return loss
 
     est = jkfac.estimator(loss_fn, params, *batch, stats_fraction=run["stats_fraction"],
