@@ -28,11 +28,13 @@ import harness
 ALL = ("jkfac", "jkfac_layer_scales", "jkfac_fixed", "adamw", "kfac_jax")
 #: jkfac's adaptive learning rate, momentum and damping; statistics and the quadratic
 #: model's curvature products on a quarter of the batch; an L2 term η/2 |θ|² in the
-#: loss (η = 1e-5, as the CIFAR ResNet's), which keeps λ + η away from zero: the
-#: LayerNorm-normalised weights' flat directions otherwise let λ fall and |θ| grow.
+#: loss (η = 1e-5, as the CIFAR ResNet's); λ falls only where the previous step also
+#: decreased the next batch's loss (`rho_on_next_batch`): on the step's own batch ρ
+#: stays near 1 while the steps fit its noise along the LayerNorm-normalised weights'
+#: flat directions, and λ would fall to its floor while |θ| grows.
 JKFAC: dict[str, Any] = dict(learning_rate=None, momentum=None, damping=None,
                              stats_fraction=0.25, curvature_fraction=0.25,
-                             layer_scales_every=None, l2_reg=1e-5)
+                             layer_scales_every=None, l2_reg=1e-5, rho_on_next_batch=True)
 #: The same, each layer's part of the direction scaled by the quadratic model every 10 steps.
 JKFAC_LAYER_SCALES: dict[str, Any] = dict(JKFAC, layer_scales_every=10)
 #: jkfac with AdamW's schedule shape (warmup, cosine decay), fixed momentum and damping.
@@ -218,7 +220,8 @@ def make_step(run: dict[str, Any], args: argparse.Namespace, apply: Callable, pa
     lr = run["learning_rate"]
     tx = jkfac.kfac(est, learning_rate=None if lr is None else schedule(lr, args),
                     momentum=run["momentum"], damping=run["damping"], l2_reg=l2_reg,
-                    layer_scales_every=run.get("layer_scales_every"))
+                    layer_scales_every=run.get("layer_scales_every"),
+                    rho_on_next_batch=run.get("rho_on_next_batch", False))
 
     @jax.jit
     def step(p, state, batch, key):

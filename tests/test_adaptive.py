@@ -450,3 +450,58 @@ def test_a_step_the_model_cannot_vouch_for_is_checked_between_measurements(monke
     ratios.append(float(state.reduction_ratio))
   assert int(state.rejected_steps) == 0
   assert np.all(np.diff(ratios) != 0), ratios  # a new ρ at every step
+
+
+# --------------------------------------------------------------------------- #
+# λ's rule checked on the next batch (rho_on_next_batch)
+# --------------------------------------------------------------------------- #
+
+
+def _damping_history(batches, steps, **kwargs):
+  """λ after each of `steps` updates of the regression, cycling through `batches`."""
+  params, x, t, loss_fn = _regression()
+  est = jkfac.estimator(loss_fn, params, x, t, mode="exact")
+  tx = jkfac.kfac(est, damping=1.0, damping_interval=1, inverse_every=1, **kwargs)
+  state, history = tx.init(params), []
+  for k in range(steps):
+    batch = batches(x, t)[k % len(batches(x, t))]
+    _, grads, stats = est(params, *batch)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    params = optax.apply_updates(params, updates)
+    history.append(float(state.damping))
+  return history, int(state.rejected_steps)
+
+
+def test_rho_on_next_batch_is_the_papers_rule_when_the_batches_agree():
+  # One batch throughout: the previous step decreases the next batch's loss as
+  # much as predicted, so λ moves exactly as by the paper's rule.
+  same = lambda x, t: [(x, t)]
+  paper, _ = _damping_history(same, 6)
+  checked, _ = _damping_history(same, 6, rho_on_next_batch=True)
+  assert paper[-1] < 0.5  # λ falls here (a rule that never lets it fall fails)
+  np.testing.assert_allclose(checked, paper, rtol=1e-12)
+
+
+def test_rho_on_next_batch_keeps_damping_where_steps_do_not_generalise():
+  # Two batches with opposite targets: each step fits its own batch (ρ ≈ 1
+  # there, λ falls by the paper's rule) and raises the other's loss.
+  opposite = lambda x, t: [(x, t), (x, -t)]
+  paper, _ = _damping_history(opposite, 6)
+  checked, rejected = _damping_history(opposite, 6, rho_on_next_batch=True)
+  assert np.all(np.diff(paper) < 0) and paper[-1] < 0.8, paper
+  assert rejected == 0 and checked[0] < 1.0  # the first update has no previous step
+  assert checked[1:] == [checked[0]] * 5, checked
+
+
+@_ONCE  # a flax model's training; the rule itself is checked in both suites
+def test_rho_on_next_batch_trains_a_scanned_transformer_jitted():
+  from test_scan import LM, _lm_loss  # a flax transformer, blocks stacked by nn.scan
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (4, 6), 0, 7)
+  targets = jnp.roll(tokens, -1, axis=1)
+  model = LM()
+  params = model.init(KEY, tokens)["params"]
+  est = jkfac.estimator(_lm_loss(model), params, tokens, targets, curvature_fraction=0.5)
+  tx = jkfac.kfac(est, rho_on_next_batch=True)
+  _, _, losses, traces = bf.train_jitted(est, tx, params, (tokens, targets), 12)
+  assert traces == 1
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
