@@ -173,7 +173,8 @@ def state_bytes(state: Any) -> int:
 
 def train_loop(run: dict[str, Any], total: int, step: Callable, params: Any, state: Any,
                batches: Callable[[int], Any], evaluate: Callable[[Any], dict[str, float]],
-               eval_every: int, seed: int) -> dict[str, Any]:
+               eval_every: int, seed: int,
+               evaluated: Optional[Callable[[Any, Any], Any]] = None) -> dict[str, Any]:
   """Trains for `total` steps, timing each and evaluating every `eval_every`.
 
   Args:
@@ -187,6 +188,8 @@ def train_loop(run: dict[str, Any], total: int, step: Callable, params: Any, sta
       run is judged by (lower is better).
     eval_every: evaluation period, in steps.
     seed: seeds the keys given to `step`.
+    evaluated: `(params, state) -> the parameters to evaluate` (e.g. a
+      Polyak average kept in the state); None: the parameters.
 
   Returns:
     The record: the run's fields, `steps`, `seconds` (training time only,
@@ -223,7 +226,7 @@ def train_loop(run: dict[str, Any], total: int, step: Callable, params: Any, sta
     else:
       bar.update(1)
     if k == 0 or (k + 1) % eval_every == 0 or k == total - 1:
-      metrics = evaluate(params)
+      metrics = evaluate(params if evaluated is None else evaluated(params, state))
       record["steps"].append(k + 1)
       record["seconds"].append(elapsed)
       for metric, value in metrics.items():

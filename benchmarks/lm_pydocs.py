@@ -143,7 +143,8 @@ def train(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return dict(valid_bpb=transformer.cross_entropy(apply(p, tokens), targets) / math.log(2))
 
   record = harness.train_loop(run, args.steps, step, params, init(params), device_batch,
-                              evaluate, args.eval_every, args.seed + 1)
+                              evaluate, args.eval_every, args.seed + 1,
+                              transformer.evaluated(run))
   record["parameters"] = int(sum(x.size for x in jax.tree.leaves(params)))
   return record
 

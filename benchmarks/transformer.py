@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 import textwrap
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import harness
 
@@ -29,12 +29,15 @@ ALL = ("jkfac", "jkfac_layer_scales", "jkfac_fixed", "adamw", "kfac_jax")
 #: jkfac's adaptive learning rate, momentum and damping; statistics and the quadratic
 #: model's curvature products on a quarter of the batch; an L2 term η/2 |θ|² in the
 #: loss (η = 1e-5, as the CIFAR ResNet's); λ falls only where the previous step also
-#: decreased the next batch's loss (`rho_on_next_batch`): on the step's own batch ρ
+#: decreased the next batch's loss (`rho_on_next_batch`: on the step's own batch ρ
 #: stays near 1 while the steps fit its noise along the LayerNorm-normalised weights'
-#: flat directions, and λ would fall to its floor while |θ| grows.
+#: flat directions, and λ would fall to its floor while |θ| grows); evaluated at the
+#: Polyak average of the iterates (decay 0.99, the paper's section 13), which anneals
+#: the noise of a run without a learning-rate schedule.
 JKFAC: dict[str, Any] = dict(learning_rate=None, momentum=None, damping=None,
                              stats_fraction=0.25, curvature_fraction=0.25,
-                             layer_scales_every=None, l2_reg=1e-5, rho_on_next_batch=True)
+                             layer_scales_every=None, l2_reg=1e-5, rho_on_next_batch=True,
+                             polyak=0.99)
 #: The same, each layer's part of the direction scaled by the quadratic model every 10 steps.
 JKFAC_LAYER_SCALES: dict[str, Any] = dict(JKFAC, layer_scales_every=10)
 #: jkfac with AdamW's schedule shape (warmup, cosine decay), fixed momentum and damping.
@@ -223,12 +226,18 @@ def make_step(run: dict[str, Any], args: argparse.Namespace, apply: Callable, pa
                     layer_scales_every=run.get("layer_scales_every"),
                     rho_on_next_batch=run.get("rho_on_next_batch", False))
 
+    averaging = jkfac.polyak_average(run["polyak"]) if run.get("polyak") else None
+
     @jax.jit
     def step(p, state, batch, key):
+      opt_state, averages = state
       loss, grads, stats = est(p, *batch, rng=key)
-      updates, state = tx.update(grads, state, p, stats=stats)
-      return optax.apply_updates(p, updates), state, loss
-    return tx.init, step
+      updates, opt_state = tx.update(grads, opt_state, p, stats=stats)
+      p = optax.apply_updates(p, updates)
+      if averaging is not None:
+        averages = averaging.update(averages, p)
+      return p, (opt_state, averages), loss
+    return lambda p: (tx.init(p), averaging.init(p) if averaging else None), step
 
   matrices = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -242,6 +251,15 @@ def make_step(run: dict[str, Any], args: argparse.Namespace, apply: Callable, pa
     updates, state = tx.update(grads, state, p)
     return optax.apply_updates(p, updates), state, loss
   return tx.init, adam_step
+
+
+def evaluated(run: dict[str, Any]) -> Optional[Callable[[Any, Any], Any]]:
+  """`(params, state) -> the parameters to evaluate`: the Polyak average where the
+  run keeps one (`harness.train_loop`'s `evaluated`), else None."""
+  if not run.get("polyak"):
+    return None
+  import jkfac
+  return lambda params, state: jkfac.averaged_params(state[1], params)
 
 
 def _kfac_jax_step(run: dict[str, Any], args: argparse.Namespace, apply: Callable, batch):

@@ -138,7 +138,8 @@ def train(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 test_accuracy=jnp.mean(jnp.argmax(logits, -1) == test[1]))
 
   record = harness.train_loop(run, args.steps, step, params, init(params), device_batch,
-                              evaluate, args.eval_every, args.seed + 1)
+                              evaluate, args.eval_every, args.seed + 1,
+                              transformer.evaluated(run))
   record["parameters"] = int(sum(x.size for x in jax.tree.leaves(params)))
   return record
 

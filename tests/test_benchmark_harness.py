@@ -130,3 +130,18 @@ def test_help_explains_every_option_and_runs_nothing(script, tmp_path):
       assert "default" in text, entry
   assert sorted((p, p.stat().st_mtime_ns) for p in (BENCHMARKS / "results").iterdir()) == results
   assert not list(tmp_path.iterdir())
+
+
+def test_train_loop_evaluates_what_evaluated_picks_from_the_state():
+  # The Polyak-averaged runs: training goes on from the iterate, the metric is
+  # read at the average kept in the state.
+  import jax.numpy as jnp
+  step = lambda p, s, batch, key: (p + 1.0, s + 10.0, p)  # parameters 1, 2, ...; state 10, 20, ...
+  evaluate = lambda p: dict(loss=p)
+  plain = harness.train_loop(dict(name="plain"), 4, step, jnp.zeros([]), jnp.zeros([]),
+                             lambda k: None, evaluate, 2, 0)
+  picked = harness.train_loop(dict(name="picked"), 4, step, jnp.zeros([]), jnp.zeros([]),
+                              lambda k: None, evaluate, 2, 0, lambda p, s: s)
+  assert plain["steps"] == picked["steps"] == [1, 2, 4]
+  assert plain["loss"] == [1.0, 2.0, 4.0]
+  assert picked["loss"] == [10.0, 20.0, 40.0]

@@ -63,6 +63,8 @@ OPTIMIZERS = {
         structure="block_tridiagonal", axis_name=axis),
     "not_spread": lambda est, axis: jkfac.kfac(est, damping=1e-2, inverse_every=2,
                                                axis_name=axis, spread_inverses=False),
+    "rho_on_next_batch": lambda est, axis: jkfac.kfac(est, damping=1e-2, inverse_every=2,
+                                                      axis_name=axis, rho_on_next_batch=True),
 }
 
 

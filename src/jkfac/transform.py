@@ -344,9 +344,9 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
 
     def measure_previous(_):  # the previous step on this batch
       view, flat = est.align(params, "kfac.update(params)", partial=True)
-      before = view.rebuild({i: p - d for i, p, d in zip(
-          [i for i, p in enumerate(flat) if p is not None],
-          [p for p in flat if p is not None], state.quadratic_model.previous_update)})
+      held = [i for i, p in enumerate(flat) if p is not None]
+      before = view.rebuild({i: flat[i] - d for i, d in zip(
+          held, state.quadratic_model.previous_update)})
       return change_between(lambda: loss_at(before), loss_here)
 
     checked = measured
