@@ -462,10 +462,9 @@ def _damping_history(batches, steps, **kwargs):
   params, x, t, loss_fn = _regression()
   est = jkfac.estimator(loss_fn, params, x, t, mode="exact")
   tx = jkfac.kfac(est, damping=1.0, damping_interval=1, inverse_every=1, **kwargs)
-  state, history = tx.init(params), []
+  state, history, pairs = tx.init(params), [], batches(x, t)
   for k in range(steps):
-    batch = batches(x, t)[k % len(batches(x, t))]
-    _, grads, stats = est(params, *batch)
+    _, grads, stats = est(params, *pairs[k % len(pairs)])
     updates, state = tx.update(grads, state, params, stats=stats)
     params = optax.apply_updates(params, updates)
     history.append(float(state.damping))

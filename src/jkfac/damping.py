@@ -84,8 +84,8 @@ MAX_STREAK = 2
 
 
 def levenberg_marquardt(damping: Array, streak: Array, rho: Array, rejected: Array,
-                        measured: Array, omega: Array, damping_share: Array
-                        ) -> tuple[Array, Array]:
+                        measured: Array, omega: Array, damping_share: Array,
+                        may_fall: Any = True) -> tuple[Array, Array]:
   """The Levenberg-Marquardt rule for λ (section 6.5), with step rejection.
 
   At a measurement, λ rises if `ρ < 1/4` or ρ is not finite, falls if
@@ -110,12 +110,14 @@ def levenberg_marquardt(damping: Array, streak: Array, rho: Array, rejected: Arr
       measurement).
     damping_share: the quadratic model's `QuadraticModelState.damping_share`
       of this step.
+    may_fall: False: λ does not fall at this measurement, whatever ρ (it
+      still rises).
 
   Returns:
     The new `(λ, streak)`, unclipped.
   """
   up = rejected | ~jnp.isfinite(rho) | (rho < 0.25)
-  down = ~up & (rho > 0.75)
+  down = ~up & (rho > 0.75) & may_fall
   new_streak = jnp.where(up, jnp.maximum(streak, 0) + 1,
                          jnp.where(down, jnp.minimum(streak, 0) - 1, 0))
   rise = omega ** -jnp.minimum(new_streak, MAX_STREAK).astype(damping.dtype)
@@ -129,8 +131,8 @@ def levenberg_marquardt(damping: Array, streak: Array, rho: Array, rejected: Arr
 
 
 def adapt(damping: Array, streak: Array, rho: Array, rejected: Array, measured: Array,
-          probing: Array, interval: int, damping_share: Array, min_damping: float
-          ) -> tuple[Array, Array]:
+          probing: Array, interval: int, damping_share: Array, min_damping: float,
+          may_fall: Any = True) -> tuple[Array, Array]:
   """`levenberg_marquardt` at `kfac`'s measurements, λ kept in `[min_damping, MAX_DAMPING]`.
 
   Args:
@@ -144,13 +146,14 @@ def adapt(damping: Array, streak: Array, rho: Array, rejected: Array, measured: 
     interval: T1, the steps between two measurements.
     damping_share: the quadratic model's damping share of this step.
     min_damping: the floor of λ.
+    may_fall: whether λ may fall at this measurement (see `levenberg_marquardt`).
 
   Returns:
     The new `(λ, streak)`.
   """
   omega = jnp.where(probing, OMEGA, OMEGA ** interval).astype(damping.dtype)
   new, streak = levenberg_marquardt(damping, streak, rho, rejected, measured, omega,
-                                    damping_share)
+                                    damping_share, may_fall)
   return jnp.clip(new, min_damping, MAX_DAMPING).astype(damping.dtype), streak
 
 

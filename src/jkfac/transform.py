@@ -362,17 +362,17 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
     change = jax.lax.cond(checked, measure, nothing, None)
     rho = change / second.predicted_change
     rejected = checked & (~jnp.isfinite(change) | (change > 0)) & reject_steps
-    steer = rho  # the ρ λ's rule reads
+    may_fall = True
     if rho_on_next_batch:
       # λ falls only if the previous step, when it was taken (not at the
       # first update, not after a rejection), also decreased this batch's loss.
       taken = (count > 0) & (state.measure_until != count + damping_interval)
       fresh = (jax.lax.cond(measured & taken, measure_previous, nothing, None)
                / state.quadratic_model.predicted_change)
-      steer = jnp.where(taken & (rho > 0.75) & ~(fresh > 0.25), 0.5, rho)  # 0.5: λ stays
-    new_lam, streak = damping_lib.adapt(lam, state.damping_streak, steer, rejected,
+      may_fall = ~taken | (fresh > 0.25)
+    new_lam, streak = damping_lib.adapt(lam, state.damping_streak, rho, rejected,
                                         measured | rejected, probing, damping_interval,
-                                        second.damping_share, min_damping)
+                                        second.damping_share, min_damping, may_fall)
     # A rejected step: no step, the momentum's previous update kept, and the
     # inverses damped with the raised λ (also γ, when it is re-chosen).
     step = jax.tree.map(lambda s: jnp.where(rejected, jnp.zeros_like(s), s), step)
