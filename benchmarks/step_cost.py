@@ -16,8 +16,8 @@ divided by this machine's measured float32 matrix-multiply throughput.
 `--transformer` times the language model of `lm_pydocs.py` instead (its
 sizes from the same options: `--width`, `--depth`, ...; blocks stacked by
 `nn.scan`), part by part against AdamW's step: the forward and backward
-passes, the estimator with statistics on the whole batch and on a quarter
-(K-FAC-expand and -reduce), the preconditioner's update without and with an
+passes, the estimator with statistics on the whole batch and on the
+adaptive run's fraction (`--kfac-fraction`; K-FAC-expand and -reduce), the preconditioner's update without and with an
 inverse refresh, the quadratic model's curvature products, and the whole
 steps, fixed and adaptive.
 
@@ -187,12 +187,12 @@ def measure_transformer(lm_argv: list[str], repeats: int) -> dict[str, Any]:
       "forward_backward": functools.partial(jax.jit(jax.value_and_grad(objective)), params,
                                             *batch)}
   for sharing in ("expand", "reduce"):
-    for fraction in (1.0, 0.25):
+    for fraction in (1.0, args.kfac_fraction):
       est = jkfac.estimator(loss_fn, params, *batch, stats_fraction=fraction,
                             weight_sharing=sharing)
       parts[f"estimator_{sharing}_stats_{fraction:g}"] = functools.partial(
           run_est(est), params, *batch, key)
-  fractions = {k: transformer.JKFAC[k] for k in ("stats_fraction", "curvature_fraction")}
+  fractions = dict(stats_fraction=args.kfac_fraction, curvature_fraction=args.kfac_fraction)
   est = jkfac.estimator(loss_fn, params, *batch, **fractions)
   _, grads, stats = run_est(est)(params, *batch, key)
   parts["curvature_products"] = functools.partial(

@@ -27,7 +27,8 @@ import harness
 
 ALL = ("jkfac", "jkfac_layer_scales", "jkfac_fixed", "adamw", "kfac_jax")
 #: jkfac's adaptive learning rate, momentum and damping; statistics and the quadratic
-#: model's curvature products on a quarter of the batch; an L2 term η/2 |θ|² in the
+#: model's curvature products on a fraction of the batch (`--kfac-fraction`, each
+#: benchmark's default); an L2 term η/2 |θ|² in the
 #: loss (η = 1e-5, as the CIFAR ResNet's); λ falls only where the previous step also
 #: decreased the next batch's loss (`rho_on_next_batch`: on the step's own batch ρ
 #: stays near 1 while the steps fit its noise along the LayerNorm-normalised weights'
@@ -35,7 +36,6 @@ ALL = ("jkfac", "jkfac_layer_scales", "jkfac_fixed", "adamw", "kfac_jax")
 #: Polyak average of the iterates (decay 0.99, the paper's section 13), which anneals
 #: the noise of a run without a learning-rate schedule.
 JKFAC: dict[str, Any] = dict(learning_rate=None, momentum=None, damping=None,
-                             stats_fraction=0.25, curvature_fraction=0.25,
                              layer_scales_every=None, l2_reg=1e-5, rho_on_next_batch=True,
                              polyak=0.99)
 #: The same, each layer's part of the direction scaled by the quadratic model every 10 steps.
@@ -46,7 +46,7 @@ JKFAC_FIXED: dict[str, Any] = dict(learning_rate=0.1, momentum=0.9, damping=0.1,
 
 
 def add_arguments(parser: argparse.ArgumentParser, grid: tuple[float, ...],
-                  quick_lr: float) -> None:
+                  quick_lr: float, kfac_fraction: float) -> None:
   """The options every transformer benchmark has (optimizers, schedule, model sizes)."""
   parser.add_argument("--optimizers", default=None,
                       help=f"comma-separated subset of {','.join(ALL)} (default: all; kfac_jax "
@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser, grid: tuple[float, ...],
                       help="jkfac_fixed's (and kfac-jax's) peak learning rate")
   parser.add_argument("--fixed-damping", type=float, default=JKFAC_FIXED["damping"],
                       help="jkfac_fixed's (and kfac-jax's) damping")
+  parser.add_argument("--kfac-fraction", type=float, default=kfac_fraction,
+                      help="the part of each batch the adaptive jkfac runs take their "
+                           "statistics and quadratic-model curvature products from")
   parser.add_argument("--warmup", type=int, default=None,
                       help="warmup steps of the schedules (default: 5%% of the steps)")
   parser.add_argument("--width", type=int, default=128, help="model width")
@@ -166,11 +169,13 @@ def planned_runs(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, 
   if unknown:
     raise SystemExit(f"unknown optimizers {sorted(unknown)}; choose from {', '.join(ALL)}")
   fixed = dict(JKFAC_FIXED, learning_rate=args.fixed_lr, damping=args.fixed_damping)
+  fractions = dict(stats_fraction=args.kfac_fraction, curvature_fraction=args.kfac_fraction)
   runs = []
   if "jkfac" in wanted:
-    runs.append(dict(name="jkfac", kind="jkfac", **JKFAC))
+    runs.append(dict(name="jkfac", kind="jkfac", **JKFAC, **fractions))
   if "jkfac_layer_scales" in wanted:
-    runs.append(dict(name="jkfac, layer scales", kind="jkfac", **JKFAC_LAYER_SCALES))
+    runs.append(dict(name="jkfac, layer scales", kind="jkfac", **JKFAC_LAYER_SCALES,
+                     **fractions))
   if "jkfac_fixed" in wanted:
     runs.append(dict(name=f"jkfac fixed lr={args.fixed_lr:g}", kind="jkfac", **fixed))
   if "adamw" in wanted:

@@ -43,6 +43,8 @@ import transformer
 CLASSES = 10
 ADAMW_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
 ADAMW_QUICK = 1e-3
+#: The adaptive jkfac run's statistics and curvature products: 16 of the 64 images.
+KFAC_FRACTION = 0.25
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--data-dir", default=None,
                       help="folder with the CIFAR-10 binary batch files, or with a cifar-10/ "
                            "subfolder holding them (" + harness.DATA_DIR_DEFAULT + ")")
-  transformer.add_arguments(parser, ADAMW_GRID, ADAMW_QUICK)
+  transformer.add_arguments(parser, ADAMW_GRID, ADAMW_QUICK, KFAC_FRACTION)
   harness.add_out_argument(parser, "vit_cifar10_quick with --quick, else vit_cifar10")
   args = parser.parse_args(argv)
   transformer.finish_arguments(args, ADAMW_GRID, ADAMW_QUICK, steps=(200, 2000),
