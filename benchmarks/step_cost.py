@@ -17,9 +17,9 @@ divided by this machine's measured float32 matrix-multiply throughput.
 sizes from the same options: `--width`, `--depth`, ...; blocks stacked by
 `nn.scan`), part by part against AdamW's step: the forward and backward
 passes, the estimator with statistics on the whole batch and on the
-adaptive run's fraction (`--kfac-fraction`; K-FAC-expand and -reduce), the preconditioner's update without and with an
-inverse refresh, the quadratic model's curvature products, and the whole
-steps, fixed and adaptive.
+adaptive run's fraction (`--kfac-fraction`; K-FAC-expand and -reduce), the
+preconditioner's update without and with an inverse refresh, the quadratic
+model's curvature products, and the whole steps, fixed and adaptive.
 
     python benchmarks/step_cost.py [--quick]
     python benchmarks/step_cost.py --transformer [--width 256 ...]

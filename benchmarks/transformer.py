@@ -28,13 +28,13 @@ import harness
 ALL = ("jkfac", "jkfac_layer_scales", "jkfac_fixed", "adamw", "kfac_jax")
 #: jkfac's adaptive learning rate, momentum and damping; statistics and the quadratic
 #: model's curvature products on a fraction of the batch (`--kfac-fraction`, each
-#: benchmark's default); an L2 term η/2 |θ|² in the
-#: loss (η = 1e-5, as the CIFAR ResNet's); λ falls only where the previous step also
-#: decreased the next batch's loss (`rho_on_next_batch`: on the step's own batch ρ
-#: stays near 1 while the steps fit its noise along the LayerNorm-normalised weights'
-#: flat directions, and λ would fall to its floor while |θ| grows); evaluated at the
-#: Polyak average of the iterates (decay 0.99, the paper's section 13), which anneals
-#: the noise of a run without a learning-rate schedule.
+#: benchmark's default); an L2 term η/2 |θ|² in the loss (η = 1e-5, as the CIFAR
+#: ResNet's); λ falls only where the previous step also decreased the next batch's loss
+#: (`rho_on_next_batch`: on the step's own batch ρ stays near 1 while the steps fit its
+#: noise along the LayerNorm-normalised weights' flat directions, and λ would fall to
+#: its floor while |θ| grows); evaluated at the Polyak average of the iterates (decay
+#: 0.99, the paper's section 13), which anneals the noise of a run without a
+#: learning-rate schedule.
 JKFAC: dict[str, Any] = dict(learning_rate=None, momentum=None, damping=None,
                              layer_scales_every=None, l2_reg=1e-5, rho_on_next_batch=True,
                              polyak=0.99)
