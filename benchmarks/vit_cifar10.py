@@ -43,7 +43,8 @@ import transformer
 CLASSES = 10
 ADAMW_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
 ADAMW_QUICK = 1e-3
-#: The adaptive jkfac run's statistics and curvature products: 16 of the 64 images.
+#: The adaptive jkfac run's statistics and curvature products: 16 of the 64 images (on
+#: an eighth the run ends higher: test loss 1.457 against 1.421 at 1,000 steps).
 KFAC_FRACTION = 0.25
 
 
