@@ -192,7 +192,7 @@ def measure_transformer(lm_argv: list[str], repeats: int) -> dict[str, Any]:
                             weight_sharing=sharing)
       parts[f"estimator_{sharing}_stats_{fraction:g}"] = functools.partial(
           run_est(est), params, *batch, key)
-  fractions = dict(stats_fraction=args.kfac_fraction, curvature_fraction=args.kfac_fraction)
+  fractions = transformer.adaptive_fractions(args)
   est = jkfac.estimator(loss_fn, params, *batch, **fractions)
   _, grads, stats = run_est(est)(params, *batch, key)
   parts["curvature_products"] = functools.partial(

@@ -162,6 +162,11 @@ def cross_entropy(logits, labels):
 
 # --- the runs ----------------------------------------------------------------
 
+def adaptive_fractions(args: argparse.Namespace) -> dict[str, float]:
+  """The adaptive runs' `stats_fraction` and `curvature_fraction` (`--kfac-fraction`)."""
+  return dict(stats_fraction=args.kfac_fraction, curvature_fraction=args.kfac_fraction)
+
+
 def planned_runs(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, Any]]:
   """The runs `--optimizers` asks for, AdamW's grid expanded."""
   wanted = set(args.optimizers.split(",")) if args.optimizers else set(ALL)
@@ -169,7 +174,7 @@ def planned_runs(args: argparse.Namespace, kfac_jax_ok: bool) -> list[dict[str, 
   if unknown:
     raise SystemExit(f"unknown optimizers {sorted(unknown)}; choose from {', '.join(ALL)}")
   fixed = dict(JKFAC_FIXED, learning_rate=args.fixed_lr, damping=args.fixed_damping)
-  fractions = dict(stats_fraction=args.kfac_fraction, curvature_fraction=args.kfac_fraction)
+  fractions = adaptive_fractions(args)
   runs = []
   if "jkfac" in wanted:
     runs.append(dict(name="jkfac", kind="jkfac", **JKFAC, **fractions))
