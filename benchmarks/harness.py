@@ -247,6 +247,47 @@ def train_loop(run: dict[str, Any], total: int, step: Callable, params: Any, sta
   return record
 
 
+def burning_in_first(step: Callable, stats_of: Callable, passes: int) -> Callable:
+  """`step`, whose first call burns the factors in on its batch first (`jkfac.burn_in`).
+
+  One estimator pass per slice of the batch (`passes` of them, the batch
+  rolled by a slice each time along its first axis: with statistics on
+  `1/passes` of a batch, the passes cover it once). The burn-in compiles and
+  runs inside the first call, so the first step's time includes it as
+  kfac-jax's includes its burn-in.
+
+  Args:
+    step: `(params, state, batch, key) -> (params, state, loss)`, jitted;
+      `state` holds the K-FAC state anywhere in its tree.
+    stats_of: `(params, batch, key) -> the batch's jkfac Statistics`.
+    passes: the estimator passes.
+
+  Returns:
+    The step; its `lower` is `step`'s, for the ahead-of-time compilation.
+  """
+  import jax
+  import jax.numpy as jnp
+  import jkfac
+
+  @jax.jit
+  def burned_in(params, state, batch, key):
+    def one(i, state):
+      rolled = jax.tree.map(lambda x: jnp.roll(x, -i * (x.shape[0] // passes), axis=0), batch)
+      return jkfac.burn_in(state, stats_of(params, rolled, jax.random.fold_in(key, i + 1)))
+    return jax.lax.fori_loop(0, passes, one, state)
+
+  pending = [True]
+
+  def first_burning_in(params, state, batch, key):
+    if pending:
+      state = burned_in(params, state, batch, key)
+      pending.clear()
+    return step(params, state, batch, key)
+
+  first_burning_in.lower = step.lower
+  return first_burning_in
+
+
 def _compile(name: str, step: Callable, args: tuple) -> Optional[float]:
   """Traces and compiles a jitted step ahead of its first call, saying so.
 

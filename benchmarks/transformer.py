@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser, grid: tuple[float, ...],
   parser.add_argument("--kfac-fraction", type=float, default=kfac_fraction,
                       help="the part of each batch the adaptive jkfac runs take their "
                            "statistics and quadratic-model curvature products from")
+  parser.add_argument("--burn-in", type=int, default=0,
+                      help="estimator passes over slices of the first batch that the adaptive "
+                           "jkfac runs average into their factors before the first update "
+                           "(jkfac.burn_in; 1 / --kfac-fraction passes cover the batch once; "
+                           "default 0: none)")
   parser.add_argument("--warmup", type=int, default=None,
                       help="warmup steps of the schedules (default: 5%% of the steps)")
   parser.add_argument("--width", type=int, default=128, help="model width")
@@ -247,6 +252,9 @@ def make_step(run: dict[str, Any], args: argparse.Namespace, apply: Callable, pa
       if averaging is not None:
         averages = averaging.update(averages, p)
       return p, (opt_state, averages), loss
+
+    if args.burn_in and lr is None:
+      step = harness.burning_in_first(step, lambda p, b, k: est(p, *b, rng=k)[2], args.burn_in)
     return lambda p: (tx.init(p), averaging.init(p) if averaging else None), step
 
   matrices = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)

@@ -145,3 +145,40 @@ def test_train_loop_evaluates_what_evaluated_picks_from_the_state():
   assert plain["steps"] == picked["steps"] == [1, 2, 4]
   assert plain["loss"] == [1.0, 2.0, 4.0]
   assert picked["loss"] == [10.0, 20.0, 40.0]
+
+
+def test_the_benchmarks_burn_in_on_the_whole_first_batch_once():
+  """`burning_in_first` (the autoencoder's jkfac) burns the factors in on the
+  first batch's slices (with statistics on a quarter, four passes: the whole
+  batch) before its first step only: after it, a dense layer's input factor
+  `A` is the mean of the whole batch's and the first quarter's (the burn-in
+  counting as one update)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  import jkfac
+
+  x = jax.random.uniform(jax.random.PRNGKey(0), (8, 3), jnp.float32)
+  params = {"w": jnp.zeros((3, 3), jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
+  est = jkfac.estimator(lambda p, x: jkfac.sigmoid_cross_entropy(x @ p["w"] + p["b"], x),
+                        params, x, stats_fraction=0.25)
+  tx = jkfac.kfac(est)
+
+  @jax.jit
+  def step(params, state, batch, key):
+    loss, grads, stats = est(params, batch, rng=key)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state, loss
+
+  wrapped = harness.burning_in_first(step, lambda p, b, k: est(p, b, rng=k)[2], 4)
+  assert wrapped.lower == step.lower
+  _, state, _ = wrapped(params, tx.init(params), x, jax.random.PRNGKey(1))
+  homogeneous = lambda rows: jnp.concatenate([rows, jnp.ones((rows.shape[0], 1))], axis=1)
+  a = lambda rows: homogeneous(rows).T @ homogeneous(rows) / rows.shape[0]
+  (name,) = state.preconditioner.factors
+  np.testing.assert_allclose(state.preconditioner.factors[name]["A"], (a(x) + a(x[:2])) / 2,
+                             rtol=1e-5)
+  assert int(state.preconditioner.burned_in) == 4
+  _, state, _ = wrapped(params, state, x, jax.random.PRNGKey(2))
+  assert int(state.preconditioner.burned_in) == 4 and int(state.preconditioner.count) == 2

@@ -4,6 +4,7 @@
 from jkfac.accumulation import MultiSteps, MultiStepsState
 from jkfac.adaptive import QuadraticModelState, scale_by_quadratic_model
 from jkfac.averaging import PolyakAveraging, PolyakState, averaged_params, polyak_average
+from jkfac.burn_in import burn_in
 from jkfac.diagnostics import Diagnostics, diagnostics, format_diagnostics
 from jkfac.estimator import Estimator, estimator
 from jkfac.layers import Layer, Param
@@ -22,8 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Diagnostics", "Estimator", "KFACState", "KLClipState", "Layer", "MultiSteps",
     "MultiStepsState", "Param", "PolyakAveraging", "PolyakState",
-    "QuadraticModelState", "ScaleByKFACState", "Statistics", "averaged_params", "diagnostics",
-    "estimator", "format_diagnostics", "growing_batch_size", "growing_batch_sizes", "kfac",
+    "QuadraticModelState", "ScaleByKFACState", "Statistics", "averaged_params", "burn_in",
+    "diagnostics", "estimator", "format_diagnostics", "growing_batch_size", "growing_batch_sizes", "kfac",
     "polyak_average", "register_bernoulli_predictive", "register_categorical_predictive",
     "register_conv", "register_dense", "register_gaussian_predictive",
     "register_scale_and_shift", "scale_by_kfac", "scale_by_kl_clip", "scale_by_quadratic_model",

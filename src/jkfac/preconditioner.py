@@ -50,6 +50,9 @@ class ScaleByKFACState(NamedTuple):
       inverses instead (int32).
     last_refresh: the update count at the last successful refresh (int32;
       the inverses in use were computed from the factors of that update).
+    burned_in: batches whose statistics `jkfac.burn_in` averaged into the
+      factors before the first update (int32); their mean then counts as
+      one update in the moving averages.
   """
   count: Array
   factors: dict[str, dict[str, Array]]
@@ -59,6 +62,7 @@ class ScaleByKFACState(NamedTuple):
   nonfinite_grads: Array
   failed_refreshes: Array
   last_refresh: Array
+  burned_in: Array
 
 
 def _check_options(damping, decay, inverse_every, inverse_warmup, inverse_method) -> None:
@@ -109,7 +113,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
       next one.
     decay: moving-average decay: `X ← ε X + (1 - ε) X_batch` with
       `ε = min(1 - 1/k, decay)` at the k-th update, so the first uses the
-      batch alone.
+      batch alone (`ε = min(1 - 1/(k + 1), decay)` after `jkfac.burn_in`,
+      whose statistics count as one update).
     inverse_every: recompute the damped inverses every this many updates.
     inverse_warmup: also recompute them at each of the first this many
       updates, while the averages still change fast (the paper does this).
@@ -191,7 +196,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     zero = jnp.zeros([], jnp.int32)
     return ScaleByKFACState(zero, _zeros(factor_shapes, traced, stored_on),
                             _zeros(inverse_shapes, traced, stored_on), damping0, zero, zero,
-                            zero, zero)
+                            zero, zero, zero)
 
   @functools.lru_cache(maxsize=None)
   def partition_shapes(names: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -270,7 +275,8 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
           "scale_by_kfac.init (optax.MaskedNode in other places). Pass the same "
           "partition of the parameters to init and update.")
     count = optax.safe_int32_increment(state.count)
-    epsilon = jnp.minimum(1.0 - 1.0 / count.astype(est.factor_dtype), decay)
+    updates_averaged = count + (state.burned_in > 0).astype(count.dtype)  # burn-in: one
+    epsilon = jnp.minimum(1.0 - 1.0 / updates_averaged.astype(est.factor_dtype), decay)
     finite = linalg.all_finite(batch)
     if axis_name is not None:  # every device skips the same batches
       finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
@@ -324,7 +330,7 @@ def scale_by_kfac(est: Estimator, *, damping: ScalarOrSchedule, decay: float = 0
     new_state = ScaleByKFACState(
         count, factors, inverses, used_damping, state.skipped + (~finite).astype(jnp.int32),
         state.nonfinite_grads + (~linalg.all_finite(flat_grads)).astype(jnp.int32),
-        failed_refreshes, last_refresh)
+        failed_refreshes, last_refresh, state.burned_in)
     return new_updates, new_state
 
   return compiled_when_eager(optax.GradientTransformationExtraArgs(init_fn, update_fn))

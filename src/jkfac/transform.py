@@ -104,7 +104,8 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
   alone or chose `|μ| ≥ 1`, where it is least to be trusted. The
   inverses are also recomputed early whenever λ has moved by more than a
   factor of 2 since their last refresh. Use it as any optax optimizer,
-  passing `stats=` to `update`.
+  passing `stats=` to `update` (and, to start the factors from more than
+  the first update's statistics, `jkfac.burn_in` before it).
 
   Args:
     est: the estimator.

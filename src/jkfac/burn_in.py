@@ -1,0 +1,109 @@
+# Copyright 2026 The jkfac Authors. Licensed under the Apache License 2.0.
+"""Burn-in: the factors' averages started from more statistics than one update's.
+
+K-FAC's moving averages start from the first update's statistics alone
+(`ε = 0` at the first update). With statistics on a fraction of the batch
+(`jkfac.estimator(..., stats_fraction=1/8)`) that is a few hundred samples:
+the first inverses then follow the noise of a nearly rank-deficient factor.
+`burn_in` averages the statistics of batches seen before the first update
+into the factors; at the first update their mean counts as one update's
+(`ε = 1/2` there, then `min(1 - 1/(k + 1), decay)`), so it weighs as much as
+a batch but has the samples of all of them. kfac-jax calls this burn-in
+(`num_burnin_steps`, 5 passes over the first batch in its examples):
+
+    state = tx.init(params)
+    for i in range(8):  # the first batch's eighths, one estimator pass each
+      _, _, stats = est(params, jnp.roll(batch, -i * len(batch) // 8, axis=0), rng=k[i])
+      state = jkfac.burn_in(state, stats)
+
+Only the factors move: the inverses are computed from them at the first
+update (which refreshes them), and the state of blocks that accumulate more
+than factors (EK-FAC's eigenbasis scales, SINGD's factors) starts as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+
+from jkfac import linalg, state_layout
+from jkfac.preconditioner import ScaleByKFACState
+from jkfac.statistics import Statistics
+
+State = TypeVar("State")
+
+
+def burn_in(opt_state: State, stats: Statistics) -> State:
+  """Averages one batch's statistics into the factors, before the first update.
+
+  Each `scale_by_kfac` state in `opt_state` (that of `jkfac.kfac`, of
+  `scale_by_kfac`, or of a chain or wrapper holding one) keeps the running
+  mean of the batches given here as its factors' starting value; the first
+  update counts that mean as one update in the moving averages (see
+  `scale_by_kfac`'s `decay`). Statistics that are not finite are left out.
+  Works eagerly and under `jit` or `pmap` (each device averages its own
+  statistics, as the updates do).
+
+  Args:
+    opt_state: the optimizer state from `tx.init`, before any update. After
+      an update the factors are the updates' moving averages and this
+      leaves them as they are (raising a `ValueError` when that is known
+      outside of tracing).
+    stats: one batch's statistics, the third value of `est(params, batch,
+      rng=key)`, from the estimator the optimizer was built with or any
+      other of the same model (a `stats_fraction=1` one, say).
+
+  Returns:
+    `opt_state` with the factors and `burned_in` counts of its
+    `scale_by_kfac` states updated.
+  """
+  if not isinstance(stats, Statistics):
+    raise TypeError(f"jkfac.burn_in: stats must be the Statistics returned by the estimator, "
+                    f"got {type(stats).__name__}: pass the third value of "
+                    "`loss, grads, stats = est(params, batch, rng=key)`.")
+  is_state = lambda x: isinstance(x, ScaleByKFACState)
+  if not any(is_state(x) for x in jax.tree.leaves(opt_state, is_leaf=is_state)):
+    raise ValueError("jkfac.burn_in: opt_state holds no K-FAC state: pass the state returned "
+                     "by tx.init of jkfac.kfac or jkfac.scale_by_kfac (or of a chain holding "
+                     "one).")
+  return jax.tree.map(lambda x: _burn_in_one(x, stats) if is_state(x) else x, opt_state,
+                      is_leaf=is_state)
+
+
+def _burn_in_one(state: ScaleByKFACState, stats: Statistics) -> ScaleByKFACState:
+  batch = {}
+  for name, kept in state.factors.items():
+    have = stats.factors.get(name, {})
+    if not set(kept) <= set(have):
+      raise ValueError(
+          f"jkfac.burn_in: the statistics have no factors {sorted(set(kept) - set(have))} "
+          f"of layer {name!r}: pass statistics of the model the optimizer was built for "
+          "(with structure='block_tridiagonal', from an estimator built after the "
+          "optimizer, which asks it for the chains' cross moments).")
+    batch[name] = {key: _padded_like(have[key], state.factors[name][key], name, key)
+                   for key in kept}
+  if not isinstance(state.count, jax.core.Tracer) and int(state.count) > 0:
+    raise ValueError(
+        f"jkfac.burn_in: the optimizer state has made {int(state.count)} updates; burn in "
+        "before the first (its factors are now the updates' moving averages).")
+  take = (state.count == 0) & linalg.all_finite(batch)
+  seen = state.burned_in.astype(jnp.float32)
+  factors = jax.tree.map(
+      lambda old, new: jnp.where(take, old + (new.astype(old.dtype) - old) / (
+          seen + 1.0).astype(old.dtype), old), state.factors, batch)
+  return state._replace(factors=factors,
+                        burned_in=state.burned_in + take.astype(state.burned_in.dtype))
+
+
+def _padded_like(new: jax.Array, stored: jax.Array, name: str, key: str) -> jax.Array:
+  """A logical factor in the stored array's shape (padded where the state is split)."""
+  if new.shape == stored.shape:
+    return new
+  if not any(state_layout.padded_shape(new.shape, devices) == stored.shape
+             for devices in range(2, max(stored.shape, default=1) + 1)):
+    raise ValueError(f"jkfac.burn_in: layer {name!r}'s factor {key!r} has shape {new.shape} "
+                     f"in the statistics but {stored.shape} in the optimizer state: pass "
+                     "statistics of the model the optimizer was built for.")
+  return jnp.pad(new, [(0, s - n) for n, s in zip(new.shape, stored.shape)])
