@@ -46,7 +46,7 @@ JKFAC_FIXED: dict[str, Any] = dict(learning_rate=0.1, momentum=0.9, damping=0.1,
 
 
 def add_arguments(parser: argparse.ArgumentParser, grid: tuple[float, ...],
-                  quick_lr: float, kfac_fraction: float) -> None:
+                  quick_lr: float, kfac_fraction: float, burn_in: int = 0) -> None:
   """The options every transformer benchmark has (optimizers, schedule, model sizes)."""
   parser.add_argument("--optimizers", default=None,
                       help=f"comma-separated subset of {','.join(ALL)} (default: all; kfac_jax "
@@ -61,11 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser, grid: tuple[float, ...],
   parser.add_argument("--kfac-fraction", type=float, default=kfac_fraction,
                       help="the part of each batch the adaptive jkfac runs take their "
                            "statistics and quadratic-model curvature products from")
-  parser.add_argument("--burn-in", type=int, default=0,
+  parser.add_argument("--burn-in", type=int, default=burn_in,
                       help="estimator passes over slices of the first batch that the adaptive "
                            "jkfac runs average into their factors before the first update "
                            "(jkfac.burn_in; 1 / --kfac-fraction passes cover the batch once; "
-                           "default 0: none)")
+                           "0: none)")
   parser.add_argument("--warmup", type=int, default=None,
                       help="warmup steps of the schedules (default: 5%% of the steps)")
   parser.add_argument("--width", type=int, default=128, help="model width")

@@ -46,6 +46,8 @@ ADAMW_QUICK = 1e-3
 #: The adaptive jkfac run's statistics and curvature products: 16 of the 64 images (on
 #: an eighth the run ends higher: test loss 1.457 against 1.421 at 1,000 steps).
 KFAC_FRACTION = 0.25
+#: No burn-in (`--burn-in`): the committed run was made before the benchmarks had one.
+BURN_IN = 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--data-dir", default=None,
                       help="folder with the CIFAR-10 binary batch files, or with a cifar-10/ "
                            "subfolder holding them (" + harness.DATA_DIR_DEFAULT + ")")
-  transformer.add_arguments(parser, ADAMW_GRID, ADAMW_QUICK, KFAC_FRACTION)
+  transformer.add_arguments(parser, ADAMW_GRID, ADAMW_QUICK, KFAC_FRACTION, BURN_IN)
   harness.add_out_argument(parser, "vit_cifar10_quick with --quick, else vit_cifar10")
   args = parser.parse_args(argv)
   transformer.finish_arguments(args, ADAMW_GRID, ADAMW_QUICK, steps=(200, 2000),
