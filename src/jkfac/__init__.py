@@ -22,11 +22,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Diagnostics", "Estimator", "KFACState", "KLClipState", "Layer", "MultiSteps",
-    "MultiStepsState", "Param", "PolyakAveraging", "PolyakState",
-    "QuadraticModelState", "ScaleByKFACState", "Statistics", "averaged_params", "burn_in",
-    "diagnostics", "estimator", "format_diagnostics", "growing_batch_size", "growing_batch_sizes", "kfac",
-    "polyak_average", "register_bernoulli_predictive", "register_categorical_predictive",
-    "register_conv", "register_dense", "register_gaussian_predictive",
-    "register_scale_and_shift", "scale_by_kfac", "scale_by_kl_clip", "scale_by_quadratic_model",
-    "sigmoid_cross_entropy", "softmax_cross_entropy", "squared_error",
+    "MultiStepsState", "Param", "PolyakAveraging", "PolyakState", "QuadraticModelState",
+    "ScaleByKFACState", "Statistics", "averaged_params", "burn_in", "diagnostics", "estimator",
+    "format_diagnostics", "growing_batch_size", "growing_batch_sizes", "kfac", "polyak_average",
+    "register_bernoulli_predictive", "register_categorical_predictive", "register_conv",
+    "register_dense", "register_gaussian_predictive", "register_scale_and_shift",
+    "scale_by_kfac", "scale_by_kl_clip", "scale_by_quadratic_model", "sigmoid_cross_entropy",
+    "softmax_cross_entropy", "squared_error",
 ]

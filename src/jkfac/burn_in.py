@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jkfac import linalg, state_layout
 from jkfac.preconditioner import ScaleByKFACState
-from jkfac.statistics import Statistics
+from jkfac.statistics import Statistics, kept_factors
 
 State = TypeVar("State")
 
@@ -73,17 +73,9 @@ def burn_in(opt_state: State, stats: Statistics) -> State:
 
 
 def _burn_in_one(state: ScaleByKFACState, stats: Statistics) -> ScaleByKFACState:
-  batch = {}
-  for name, kept in state.factors.items():
-    have = stats.factors.get(name, {})
-    if not set(kept) <= set(have):
-      raise ValueError(
-          f"jkfac.burn_in: the statistics have no factors {sorted(set(kept) - set(have))} "
-          f"of layer {name!r}: pass statistics of the model the optimizer was built for "
-          "(with structure='block_tridiagonal', from an estimator built after the "
-          "optimizer, which asks it for the chains' cross moments).")
-    batch[name] = {key: _padded_like(have[key], state.factors[name][key], name, key)
-                   for key in kept}
+  have = kept_factors(stats, state.factors)
+  batch = {name: {key: _padded_like(have[name][key], stored, name, key)
+                  for key, stored in kept.items()} for name, kept in state.factors.items()}
   if not isinstance(state.count, jax.core.Tracer) and int(state.count) > 0:
     raise ValueError(
         f"jkfac.burn_in: the optimizer state has made {int(state.count)} updates; burn in "
@@ -99,11 +91,10 @@ def _burn_in_one(state: ScaleByKFACState, stats: Statistics) -> ScaleByKFACState
 
 def _padded_like(new: jax.Array, stored: jax.Array, name: str, key: str) -> jax.Array:
   """A logical factor in the stored array's shape (padded where the state is split)."""
-  if new.shape == stored.shape:
-    return new
-  if not any(state_layout.padded_shape(new.shape, devices) == stored.shape
-             for devices in range(2, max(stored.shape, default=1) + 1)):
+  split = (state_layout.padded_shape(new.shape, devices)
+           for devices in range(2, max(stored.shape, default=1) + 1))
+  if new.shape != stored.shape and stored.shape not in split:
     raise ValueError(f"jkfac.burn_in: layer {name!r}'s factor {key!r} has shape {new.shape} "
                      f"in the statistics but {stored.shape} in the optimizer state: pass "
                      "statistics of the model the optimizer was built for.")
-  return jnp.pad(new, [(0, s - n) for n, s in zip(new.shape, stored.shape)])
+  return state_layout.padded(new, stored.shape)

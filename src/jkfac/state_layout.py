@@ -94,6 +94,21 @@ def _place(x: Array, mesh: jax.sharding.Mesh, partition: P) -> Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, partition))
 
 
+def padded(x: Array, shape: Shape) -> Array:
+  """A logical array zero-padded at the end of its axes to a stored `shape`.
+
+  Args:
+    x: the logical array.
+    shape: the stored shape (`padded_shape`), at least `x`'s along every axis.
+
+  Returns:
+    `x` in `shape` (itself where the shapes are equal).
+  """
+  if tuple(x.shape) == tuple(shape):
+    return x
+  return jnp.pad(x, [(0, t - n) for n, t in zip(x.shape, shape)])
+
+
 def store(tree: Any, mesh: Optional[jax.sharding.Mesh]) -> Any:
   """Logical arrays as the state holds them: padded and split over `mesh`.
 
@@ -109,10 +124,7 @@ def store(tree: Any, mesh: Optional[jax.sharding.Mesh]) -> Any:
   devices = mesh.devices.size
 
   def one(x: Array) -> Array:
-    target = padded_shape(x.shape, devices)
-    padded = x if target == x.shape else jnp.pad(
-        x, [(0, t - n) for n, t in zip(x.shape, target)])
-    return _place(padded, mesh, spec(x.shape, mesh))
+    return _place(padded(x, padded_shape(x.shape, devices)), mesh, spec(x.shape, mesh))
 
   return jax.tree.map(one, tree)
 

@@ -85,6 +85,20 @@ def check_stats(stats: Any, est: Any, factors: dict[str, Any]) -> dict[str, Any]
         f"stats come from another estimator (id {stats.estimator_id}) than the one "
         f"this transform was built with (id {est.id}). Build the optimizer with the "
         "estimator you call in the training step: jkfac.kfac(est, ...).")
+  return kept_factors(stats, factors)
+
+
+def kept_factors(stats: Statistics, factors: dict[str, Any]) -> dict[str, Any]:
+  """The statistics' factors of the layers a state keeps, checked to be there.
+
+  Args:
+    stats: one batch's statistics.
+    factors: the state's factors (their layers and keys).
+
+  Returns:
+    Layer name -> the statistics' factors of that layer (all of its keys,
+    those the state keeps among them).
+  """
   batch = {name: stats.factors.get(name) for name in factors}
   if any(batch[name] is None or not set(factors[name]) <= set(batch[name])
          for name in factors):

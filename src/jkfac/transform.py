@@ -200,11 +200,11 @@ def kfac(est: Estimator, learning_rate: Optional[ScalarOrSchedule] = None,
       its floor and the steps grow along them (a small transformer's
       parameters' norm from 60 to 130-170 in 2,000 steps, with loss
       spikes). A step that only fits noise does not decrease another
-      batch's loss, and λ stays where the model's steps still generalise. The next batch's ρ does not
-      steer λ alone: for short steps it measures the gradient's
-      signal-to-noise ratio rather than the model's fit and would raise λ
-      without end. False (the default): the paper's rule, on the step's own
-      batch.
+      batch's loss, and λ stays where the model's steps still generalise.
+      The next batch's ρ does not steer λ alone: for short steps it
+      measures the gradient's signal-to-noise ratio rather than the
+      model's fit and would raise λ without end. False (the default): the
+      paper's rule, on the step's own batch.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
