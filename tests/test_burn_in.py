@@ -171,3 +171,41 @@ def test_under_pmap_each_device_burns_in_its_own_statistics():
   for d in range(DEVICES):
     _assert_factors(jax.tree.map(lambda a, d=d: a[d], state),
                     _exact_factors(params, x[4 * d:4 * d + 4]))
+
+
+def test_an_nnx_optimizer_burns_in_eagerly_and_under_nnx_jit():
+  """`nnx.Optimizer` keeps each array of the state in an `OptState` variable:
+  burn-in keeps them there, and its factors are the plain state's."""
+  from flax import nnx
+
+  model = nnx.Sequential(nnx.Linear(5, 7, rngs=nnx.Rngs(0)), nnx.tanh,
+                         nnx.Linear(7, 3, rngs=nnx.Rngs(1)))
+  _, batches = _problem()
+  graphdef, params = nnx.split(model, nnx.Param)
+  loss_fn = lambda p, x, y: jkfac.softmax_cross_entropy(nnx.merge(graphdef, p)(x), y)
+  est = jkfac.estimator(loss_fn, params, *batches[0], mode="exact")
+  optimizer = nnx.Optimizer(model, jkfac.kfac(est), wrt=nnx.Param)
+  plain = jkfac.kfac(est).init(params)
+  stats = [est(params, *batch)[2] for batch in batches[:2]]
+  optimizer.opt_state = jkfac.burn_in(optimizer.opt_state, stats[0])
+
+  @nnx.jit
+  def burn(optimizer, model, x, y):
+    optimizer.opt_state = jkfac.burn_in(optimizer.opt_state,
+                                        est(nnx.state(model, nnx.Param), x, y)[2])
+
+  burn(optimizer, model, *batches[1])
+  for s in stats:
+    plain = jkfac.burn_in(plain, s)
+  kept = optimizer.opt_state.preconditioner
+  assert isinstance(kept.burned_in, nnx.Variable) and int(kept.burned_in[...]) == 2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
+               jax.tree.leaves(kept.factors), jax.tree.leaves(plain.preconditioner.factors))
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    _, grads, stats = est(nnx.state(model, nnx.Param), x, y)
+    optimizer.update(model, grads, stats=stats)
+
+  train_step(model, optimizer, *batches[2])
+  assert int(optimizer.opt_state.preconditioner.count[...]) == 1

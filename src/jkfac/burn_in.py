@@ -73,28 +73,34 @@ def burn_in(opt_state: State, stats: Statistics) -> State:
 
 
 def _burn_in_one(state: ScaleByKFACState, stats: Statistics) -> ScaleByKFACState:
+  # The state's arrays may sit in wrappers that are pytree nodes (an
+  # `nnx.Optimizer` keeps each in an `OptState` variable): compute on the
+  # leaves and rebuild each field with its own structure.
   have = kept_factors(stats, state.factors)
-  batch = {name: {key: _padded_like(have[name][key], stored, name, key)
-                  for key, stored in kept.items()} for name, kept in state.factors.items()}
-  if not isinstance(state.count, jax.core.Tracer) and int(state.count) > 0:
+  logical = {name: {key: have[name][key] for key in kept} for name, kept in state.factors.items()}
+  stored = jax.tree.leaves(state.factors)
+  (count,), (seen,) = jax.tree.leaves(state.count), jax.tree.leaves(state.burned_in)
+  if not isinstance(count, jax.core.Tracer) and int(count) > 0:
     raise ValueError(
-        f"jkfac.burn_in: the optimizer state has made {int(state.count)} updates; burn in "
+        f"jkfac.burn_in: the optimizer state has made {int(count)} updates; burn in "
         "before the first (its factors are now the updates' moving averages).")
-  take = (state.count == 0) & linalg.all_finite(batch)
-  seen = state.burned_in.astype(jnp.float32)
-  factors = jax.tree.map(
-      lambda old, new: jnp.where(take, old + (new.astype(old.dtype) - old) / (
-          seen + 1.0).astype(old.dtype), old), state.factors, batch)
-  return state._replace(factors=factors,
-                        burned_in=state.burned_in + take.astype(state.burned_in.dtype))
+  batch = [_padded_like(new, old, jax.tree_util.keystr(path))
+           for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(logical), stored)]
+  take = (count == 0) & linalg.all_finite(batch)
+  weight = 1.0 / (seen.astype(jnp.float32) + 1.0)
+  factors = [jnp.where(take, old + (new.astype(old.dtype) - old) * weight.astype(old.dtype), old)
+             for old, new in zip(stored, batch)]
+  rebuilt = lambda field, leaves: jax.tree.unflatten(jax.tree.structure(field), leaves)
+  return state._replace(factors=rebuilt(state.factors, factors),
+                        burned_in=rebuilt(state.burned_in, [seen + take.astype(seen.dtype)]))
 
 
-def _padded_like(new: jax.Array, stored: jax.Array, name: str, key: str) -> jax.Array:
+def _padded_like(new: jax.Array, stored: jax.Array, path: str) -> jax.Array:
   """A logical factor in the stored array's shape (padded where the state is split)."""
   split = (state_layout.padded_shape(new.shape, devices)
            for devices in range(2, max(stored.shape, default=1) + 1))
   if new.shape != stored.shape and stored.shape not in split:
-    raise ValueError(f"jkfac.burn_in: layer {name!r}'s factor {key!r} has shape {new.shape} "
-                     f"in the statistics but {stored.shape} in the optimizer state: pass "
-                     "statistics of the model the optimizer was built for.")
+    raise ValueError(f"jkfac.burn_in: the factor {path!r} has shape {new.shape} in the "
+                     f"statistics but {stored.shape} in the optimizer state: pass statistics "
+                     "of the model the optimizer was built for.")
   return state_layout.padded(new, stored.shape)
